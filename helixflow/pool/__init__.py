@@ -1,0 +1,1 @@
+"""The inference pool: engine core (native scheduler, allocator, batch builder) and service."""
