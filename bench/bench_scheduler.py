@@ -89,7 +89,7 @@ class Workload:
 
     def warm_up(self) -> None:
         if self.mix == "decode":  # until every request decodes: one token each per step
-            while self.sched.num_waiting or self.step()[1] != self.n:
+            while self.step()[1] != self.n or self.sched.num_waiting:
                 pass
         else:  # into a steady state of arrivals and completions
             for _ in range(max(20, self.n // 64)):
@@ -120,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_scheduler: {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, native {_native.__build_info__}")  # fmt: skip
     print("# median µs per step of schedule() + BatchBuilder.build() + update(); "
-          f"{args.steps} native / {args.ref_steps} reference timed steps after warm-up\n")  # fmt: skip
+          f"{args.steps} native / {args.ref_steps} reference timed steps after warm-up\n")
     print("| mix | requests | tokens/step | native µs/step | reference µs/step | speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
     for mix in args.mixes:
         for n in args.sizes:
             nat, tok = measure(_native, mix, n, args.steps, args.seed)
-            ref, ref_tok = measure(reference, mix, n, args.ref_steps, args.seed)
+            ref, _ = measure(reference, mix, n, args.ref_steps, args.seed)
             print(f"| {mix} | {n} | {tok:.0f} | {nat:.1f} | {ref:.0f} | {ref / nat:.1f}x |",
                   flush=True)  # fmt: skip
     return 0

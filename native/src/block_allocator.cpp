@@ -61,6 +61,11 @@ SeqBlocks* BlockAllocator::find_seq(SeqId seq_id) {
   return it == seqs_.end() ? nullptr : &it->second;
 }
 
+const SeqBlocks* BlockAllocator::find_seq(SeqId seq_id) const {
+  auto it = seqs_.find(seq_id);
+  return it == seqs_.end() ? nullptr : &it->second;
+}
+
 SeqBlocks& BlockAllocator::seq(SeqId seq_id) {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) throw std::invalid_argument("unknown sequence " + std::to_string(seq_id));

@@ -150,7 +150,6 @@ void Scheduler::abort(int64_t request_id) {
   if (req->running) {
     running_.erase(std::find(running_.begin(), running_.end(), req));
     allocator_.free(request_id);
-    req->blocks = nullptr;
   } else {
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), req));
   }
@@ -172,7 +171,6 @@ bool Scheduler::fork(int64_t parent_id, int64_t child_id) {
   child->arrival = num_arrivals_++;
   child->num_preemptions = 0;
   allocator_.fork(parent_id, child_id);
-  child->blocks = allocator_.find_seq(child_id);
   Request* raw = child.get();
   requests_.emplace(child_id, std::move(child));
   insert_running(raw);
@@ -182,7 +180,6 @@ bool Scheduler::fork(int64_t parent_id, int64_t child_id) {
 
 void Scheduler::preempt(Request* req) {
   allocator_.free(req->request_id);
-  req->blocks = nullptr;
   req->running = false;
   req->num_computed_tokens = 0;
   req->num_scheduled = 0;
@@ -219,7 +216,7 @@ std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
     const int64_t end = req->num_computed_tokens + num_new;
     bool got = false;
     bool self_preempted = false;
-    while (!(got = allocator_.append_slots(*req->blocks, req->num_computed_tokens, end,
+    while (!(got = allocator_.append_slots(req->request_id, req->num_computed_tokens, end,
                                            out->blocks_to_copy))) {
       Request* victim = running_.back();
       running_.pop_back();
@@ -246,7 +243,6 @@ std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
     if (!got) break;
     waiting_.pop_front();
     req->running = true;
-    req->blocks = allocator_.find_seq(req->request_id);
     req->num_computed_tokens = *got;
     insert_running(req);
     add_row(req, num_new);
@@ -293,7 +289,7 @@ std::unique_ptr<UpdateOutput> Scheduler::update(const int64_t* sampled, size_t n
     if (req->finished) continue;  // aborted during the step
     req->num_computed_tokens += req->num_scheduled;
     req->num_scheduled = 0;
-    allocator_.cache_blocks(*req->blocks, req->token_ids.data(), req->token_ids.size(),
+    allocator_.cache_blocks(req->request_id, req->token_ids.data(), req->token_ids.size(),
                             req->num_computed_tokens);
     if (req->num_computed_tokens < req->num_tokens()) continue;  // prompt chunk
     const auto token = static_cast<TokenId>(sampled[i]);

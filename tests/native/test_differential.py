@@ -82,15 +82,18 @@ def _upd_out(o: Any) -> tuple[Any, ...]:
     return (o.req_ids.tolist(), o.token_ids.tolist(), list(o.finished))
 
 
-def _both(
-    label: str, fn_native: Any, fn_ref: Any, convert: Any = lambda x: x
-) -> tuple[Any, Any]:
-    """Run one operation on both; they must both succeed with equal results or both raise
-    the same exception type."""
+def _both(label: str, pair: tuple[Any, Any], method: str, *args: Any,
+          convert: Any = None, **kwargs: Any) -> tuple[str, Any]:
+    """Call ``method`` on both implementations: both must succeed with equal results, or both
+    raise the same exception type."""
     results = []
-    for fn in (fn_native, fn_ref):
+    for obj in pair:
+        fn = obj
+        for name in method.split("."):
+            fn = getattr(fn, name)
         try:
-            results.append(("ok", convert(fn())))
+            value = fn(*args, **kwargs)
+            results.append(("ok", convert(value) if convert else value))
         except (ValueError, RuntimeError, IndexError) as e:
             results.append(("err", type(e).__name__))
     assert results[0] == results[1], f"{label}: native {results[0]} != reference {results[1]}"
@@ -109,6 +112,7 @@ def _run_case(config: Config, seed: int) -> None:
     sr = reference.Scheduler(config.num_blocks, config.block_size, **kw)
     bn = _native.BatchBuilder.for_scheduler(sn)
     br = reference.BatchBuilder.for_scheduler(sr)
+    sched = (sn, sr)
     prefixes = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(4, 40))] for _ in range(4)]
     next_id = 0
     in_step = False
@@ -142,16 +146,13 @@ def _run_case(config: Config, seed: int) -> None:
                 prompt = rng.choice([[], [-1], prompt * 20])
             rid = next_id if rng.random() > 0.02 else max(0, next_id - 1)  # dup ids sometimes
             next_id += 1
-            _both(f"{label} add", lambda: sn.add_request(rid, prompt, **params),
-                  lambda: sr.add_request(rid, prompt, **params))  # fmt: skip
+            _both(f"{label} add", sched, "add_request", rid, prompt, **params)
         elif op == "schedule":
-            out = _both(f"{label} schedule", lambda: _sched_out(sn.schedule()),
-                        lambda: _sched_out(sr.schedule()))  # fmt: skip
+            out = _both(f"{label} schedule", sched, "schedule", convert=_sched_out)
             assert out[0] == "ok", label
             in_step = True
             step_members = list(out[1][0])
-            built = _both(f"{label} build", lambda: bn.build(sn), lambda: br.build(sr))
-            assert built == ("ok", out[1][3]), label
+            assert bn.build(sn) == br.build(sr) == out[1][3], label
             bs = config.block_size
             assert _builder_state(bn, bs) == _builder_state(br, bs), label
         elif op == "update":
@@ -159,37 +160,34 @@ def _run_case(config: Config, seed: int) -> None:
                        for _ in range(len(step_members))]  # fmt: skip
             if rng.random() < 0.02:
                 sampled.append(1)  # wrong length: both must refuse
-                _both(f"{label} bad update", lambda: sn.update(sampled), lambda: sr.update(sampled))
+                _both(f"{label} bad update", sched, "update", sampled)
                 continue
-            _both(f"{label} update", lambda: _upd_out(sn.update(np.array(sampled))),
-                  lambda: _upd_out(sr.update(sampled)))  # fmt: skip
+            _both(f"{label} update", sched, "update", np.array(sampled), convert=_upd_out)
             in_step = False
         elif op == "abort":
             candidates = sn.running_ids() + sn.waiting_ids()
             rid = rng.choice(candidates) if candidates and rng.random() < 0.95 else 10**9
-            _both(f"{label} abort", lambda: sn.abort(rid), lambda: sr.abort(rid))
+            _both(f"{label} abort", sched, "abort", rid)
         elif op == "fork":
             parents = sn.running_ids() + sn.waiting_ids()[:1]  # a waiting parent is refused
             if not parents:
                 continue
             parent, child = rng.choice(parents), next_id
             next_id += 1
-            res = _both(f"{label} fork", lambda: sn.fork(parent, child),
-                        lambda: sr.fork(parent, child))  # fmt: skip
+            res = _both(f"{label} fork", sched, "fork", parent, child)
             if in_step and res == ("ok", True) and parent in step_members:
                 step_members.append(child)
         else:
             # misuse that must be refused identically
             bad = rng.choice(["schedule", "update", "info", "table"])
             if bad == "schedule" and in_step:
-                _both(f"{label} schedule twice", sn.schedule, sr.schedule)
+                _both(f"{label} schedule twice", sched, "schedule")
             elif bad == "update" and not in_step:
-                _both(f"{label} update no step", lambda: sn.update([]), lambda: sr.update([]))
+                _both(f"{label} update no step", sched, "update", [])
             elif bad == "info":
-                _both(f"{label} info", lambda: sn.request_info(-5), lambda: sr.request_info(-5))
+                _both(f"{label} info", sched, "request_info", -5)
             else:
-                _both(f"{label} table", lambda: sn.allocator.block_table(-5),
-                      lambda: sr.allocator.block_table(-5))  # fmt: skip
+                _both(f"{label} table", sched, "allocator.block_table", -5)
         assert _scheduler_state(sn) == _scheduler_state(sr), label
 
 
@@ -216,6 +214,7 @@ def test_allocator_native_matches_reference(seed: int) -> None:
     block_size = rng.choice([1, 2, 4, 16])
     an = _native.BlockAllocator(48, block_size)
     ar = reference.BlockAllocator(48, block_size)
+    alloc = (an, ar)
     prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 60))] for _ in range(3)]
     tokens: dict[int, list[int]] = {}  # seq id -> its token ids
     computed: dict[int, int] = {}
@@ -226,10 +225,10 @@ def test_allocator_native_matches_reference(seed: int) -> None:
         r = rng.random()
         if r < 0.3 or not live:
             sid, next_id = next_id, next_id + 1
-            toks = rng.choice(prefixes)[: rng.randint(1, 60)] + [rng.randrange(VOCAB)] * rng.randint(0, 8)
+            toks = rng.choice(prefixes)[: rng.randint(1, 60)]
+            toks += [rng.randrange(VOCAB)] * rng.randint(0, 8)
             n = rng.randint(0, len(toks) + 1)  # 0 and len+1 are invalid
-            res = _both(f"{label} allocate", lambda: an.allocate(sid, toks, n),
-                        lambda: ar.allocate(sid, toks, n))  # fmt: skip
+            res = _both(f"{label} allocate", alloc, "allocate", sid, toks, n)
             if res[0] == "ok" and res[1] is not None:
                 tokens[sid], computed[sid] = toks, res[1]
         elif r < 0.55:
@@ -239,24 +238,21 @@ def test_allocator_native_matches_reference(seed: int) -> None:
             total = toks + grow
             c = computed[sid]
             end = rng.randint(c, len(total)) if rng.random() < 0.95 else c  # end == c invalid
-            res = _both(f"{label} append_slots", lambda: an.append_slots(sid, c, end),
-                        lambda: ar.append_slots(sid, c, end))  # fmt: skip
+            res = _both(f"{label} append_slots", alloc, "append_slots", sid, c, end)
             if res[0] == "ok" and res[1] is not None:
                 tokens[sid] = total
                 computed[sid] = end
-                _both(f"{label} cache_blocks", lambda: an.cache_blocks(sid, total, end),
-                      lambda: ar.cache_blocks(sid, total, end))  # fmt: skip
+                _both(f"{label} cache_blocks", alloc, "cache_blocks", sid, total, end)
         elif r < 0.65:
             parent, child = rng.choice(live), next_id
             next_id += 1
-            _both(f"{label} fork", lambda: an.fork(parent, child), lambda: ar.fork(parent, child))
+            _both(f"{label} fork", alloc, "fork", parent, child)
             tokens[child], computed[child] = list(tokens[parent]), computed[parent]
         elif r < 0.9:
             sid = rng.choice(live) if rng.random() < 0.95 else next_id + 7  # unknown: refused
-            _both(f"{label} free", lambda: an.free(sid), lambda: ar.free(sid))
+            _both(f"{label} free", alloc, "free", sid)
             tokens.pop(sid, None)
         else:
             toks = rng.choice(prefixes)
-            _both(f"{label} lookup", lambda: an.num_cached_prefix_tokens(toks),
-                  lambda: ar.num_cached_prefix_tokens(toks))  # fmt: skip
+            _both(f"{label} lookup", alloc, "num_cached_prefix_tokens", toks)
         assert _allocator_state(an, live) == _allocator_state(ar, live), label

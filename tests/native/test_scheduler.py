@@ -3,6 +3,8 @@ conditions and forks, checked step by step."""
 
 from __future__ import annotations
 
+import pytest
+
 P = list(range(100, 120))  # prompt token ids
 Q = list(range(200, 220))
 R = list(range(300, 320))
@@ -411,3 +413,15 @@ def test_request_info_and_stats(core, step) -> None:
     }
     assert (sched.block_size, sched.max_num_batched_tokens) == (4, 2048)
     assert (sched.max_num_seqs, sched.max_model_len) == (256, 4096)
+
+
+def test_freeing_a_running_sequence_through_the_allocator_is_refused_later(core):
+    """Misuse through scheduler.allocator raises instead of touching freed blocks."""
+    s = core.Scheduler(8, 4)
+    s.add_request(1, [1, 2, 3, 4, 5], max_tokens=5)
+    s.schedule()
+    s.update([7])
+    s.allocator.free(1)
+    s.allocator.allocate(2, list(range(10, 19)), 9)
+    with pytest.raises(ValueError, match="unknown sequence"):
+        s.schedule()

@@ -47,7 +47,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def _check_token_ids(token_ids: Sequence[int]) -> None:
-    if token_ids and not (0 <= min(token_ids) and max(token_ids) <= 0x7FFFFFFF):
+    if token_ids and not (min(token_ids) >= 0 and max(token_ids) <= 0x7FFFFFFF):
         raise ValueError("token_ids must hold token ids in [0, 2**31)")
 
 

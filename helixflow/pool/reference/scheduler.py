@@ -35,6 +35,10 @@ import numpy.typing as npt
 from helixflow.pool.reference.block_allocator import BlockAllocator, cdiv
 
 _I32_MAX = 2**31 - 1
+_INHERITED_BY_FORK = (
+    "num_prompt_tokens", "num_computed_tokens", "num_scheduled", "priority", "max_tokens",
+    "min_tokens", "eos_token_ids", "stop_token_ids", "ignore_eos",
+)  # fmt: skip
 
 
 class _Request:
@@ -219,7 +223,9 @@ class Scheduler:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not 0 <= min_tokens <= max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens={max_tokens}], got {min_tokens}")
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={max_tokens}], got {min_tokens}"
+            )
         if n >= self._max_model_len:
             raise ValueError(
                 f"prompt has {n} tokens but max_model_len is {self._max_model_len}: "
@@ -268,8 +274,7 @@ class Scheduler:
             return False
         child = _Request(child_id, list(parent.token_ids), self._num_arrivals)
         self._num_arrivals += 1
-        for attr in ("num_prompt_tokens", "num_computed_tokens", "num_scheduled", "priority",
-                     "max_tokens", "min_tokens", "eos_token_ids", "stop_token_ids", "ignore_eos"):  # fmt: skip
+        for attr in _INHERITED_BY_FORK:
             setattr(child, attr, getattr(parent, attr))
         child.running = True
         self._allocator.fork(parent_id, child_id)

@@ -87,6 +87,7 @@ class BlockAllocator {
 
   // Stable while the sequence holds blocks (node-based map); nullptr if unknown.
   SeqBlocks* find_seq(SeqId seq_id);
+  const SeqBlocks* find_seq(SeqId seq_id) const;
 
  private:
   SeqBlocks& seq(SeqId seq_id);

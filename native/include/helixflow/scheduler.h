@@ -41,7 +41,6 @@ struct Request {
   bool running = false;
   bool finished = false;
   int64_t num_preemptions = 0;
-  SeqBlocks* blocks = nullptr;  // the allocator's table while running
 
   int64_t num_tokens() const { return static_cast<int64_t>(token_ids.size()); }
   bool before(const Request& other) const {
