@@ -8,7 +8,7 @@ per step for each implementation and their ratio.
 
 Mixes:
 - decode: N running requests, every one decoding (one token each per step), contexts of
-  256-768 tokens, 16-token blocks, budget >= N.
+  256-768 tokens, 16-token blocks, budget N + 8192.
 - prefill: N requests in the system with 128-1024-token prompts and 8 output tokens; a
   finished request is replaced at once (outside the timed region), so steps are mostly
   prefill chunks under an 8192-token budget, plus decodes.
@@ -52,7 +52,8 @@ class Workload:
         self.n = n
         self.next_id = 0
         if mix == "decode":
-            budget, max_len = max(n, 2048), 4096
+            # NOTE: a budget well above n, so warm-up prefills are not starved by decodes.
+            budget, max_len = n + 8192, 4096
             num_blocks = n * (1024 + 256) // BLOCK_SIZE + 64
         else:
             budget, max_len = 8192, 2048
