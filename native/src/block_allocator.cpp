@@ -25,9 +25,55 @@ uint64_t hash_block_tokens(uint64_t parent_hash, const TokenId* tokens, size_t n
   return h ^ (h >> 31);
 }
 
+BlockHashTable::BlockHashTable(int64_t max_entries) {
+  size_t capacity = 16;
+  while (capacity < 2 * static_cast<size_t>(max_entries)) capacity *= 2;
+  keys_.assign(capacity, 0);
+  values_.assign(capacity, kNoBlock);
+  mask_ = capacity - 1;
+}
+
+BlockId BlockHashTable::find(uint64_t hash) const {
+  for (size_t i = slot(hash);; i = (i + 1) & mask_) {
+    if (values_[i] == kNoBlock) return kNoBlock;
+    if (keys_[i] == hash) return values_[i];
+  }
+}
+
+bool BlockHashTable::insert(uint64_t hash, BlockId b) {
+  size_t i = slot(hash);
+  for (; values_[i] != kNoBlock; i = (i + 1) & mask_) {
+    if (keys_[i] == hash) return false;
+  }
+  keys_[i] = hash;
+  values_[i] = b;
+  ++size_;
+  return true;
+}
+
+void BlockHashTable::erase(uint64_t hash) {
+  size_t i = slot(hash);
+  while (keys_[i] != hash || values_[i] == kNoBlock) i = (i + 1) & mask_;
+  // Backward-shift: pull later entries of the probe run into the hole so that no lookup
+  // stops early at it.
+  for (size_t j = (i + 1) & mask_; values_[j] != kNoBlock; j = (j + 1) & mask_) {
+    const size_t home = slot(keys_[j]);
+    // Move j into the hole i unless its home lies cyclically in (i, j].
+    const bool home_in_range = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+    if (!home_in_range) {
+      keys_[i] = keys_[j];
+      values_[i] = values_[j];
+      i = j;
+    }
+  }
+  values_[i] = kNoBlock;
+  --size_;
+}
+
 BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching)
     : num_blocks_(num_blocks), block_size_(block_size),
-      enable_prefix_caching_(enable_prefix_caching) {
+      enable_prefix_caching_(enable_prefix_caching),
+      cached_(enable_prefix_caching && num_blocks > 0 && num_blocks <= INT32_MAX ? num_blocks : 0) {
   if (num_blocks < 1 || num_blocks > INT32_MAX) {
     throw std::invalid_argument("num_blocks must be in [1, 2**31), got " +
                                 std::to_string(num_blocks));
@@ -120,9 +166,8 @@ void BlockAllocator::lookup(const TokenId* tokens, int64_t num_tokens,
   for (int64_t i = 0; i < num_full; ++i) {
     const TokenId* blk = tokens + static_cast<size_t>(i) * bs;
     const uint64_t h = hash_block_tokens(parent, blk, bs);
-    auto it = cached_.find(h);
-    if (it == cached_.end()) break;
-    const BlockId b = it->second;
+    const BlockId b = cached_.find(h);
+    if (b == kNoBlock) break;
     if (parent_hash_[b] != parent ||
         std::memcmp(&content_[static_cast<size_t>(b) * bs], blk, bs * sizeof(TokenId)) != 0) {
       break;  // a hash collision: treat as a miss
@@ -226,7 +271,7 @@ void BlockAllocator::cache_blocks(SeqBlocks& s, const TokenId* tokens, size_t si
     const TokenId* blk = tokens + static_cast<size_t>(i) * bs;
     const uint64_t h = hash_block_tokens(s.last_hash, blk, bs);
     const BlockId b = s.blocks[static_cast<size_t>(i)];
-    if (!has_hash_[b] && cached_.emplace(h, b).second) {
+    if (!has_hash_[b] && cached_.insert(h, b)) {
       has_hash_[b] = 1;
       hash_[b] = h;
       parent_hash_[b] = s.last_hash;
