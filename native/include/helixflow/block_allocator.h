@@ -95,12 +95,8 @@ class BlockAllocator {
   // Appends the copies to `copies`; false (nothing changed) on shortage.
   bool append_slots(SeqId seq_id, int64_t num_computed_tokens, int64_t num_tokens,
                     std::vector<BlockCopy>& copies);
-  bool append_slots(SeqBlocks& seq, int64_t num_computed_tokens, int64_t num_tokens,
-                    std::vector<BlockCopy>& copies);
   // Register the blocks whose tokens are all computed in the prefix cache.
   void cache_blocks(SeqId seq_id, const TokenId* tokens, size_t size, int64_t num_computed_tokens);
-  void cache_blocks(SeqBlocks& seq, const TokenId* tokens, size_t size,
-                    int64_t num_computed_tokens);
   void fork(SeqId parent_id, SeqId child_id);
   void free(SeqId seq_id);
 
@@ -109,6 +105,10 @@ class BlockAllocator {
   const SeqBlocks* find_seq(SeqId seq_id) const;
 
  private:
+  bool append_slots(SeqBlocks& seq, int64_t num_computed_tokens, int64_t num_tokens,
+                    std::vector<BlockCopy>& copies);
+  void cache_blocks(SeqBlocks& seq, const TokenId* tokens, size_t size,
+                    int64_t num_computed_tokens);
   SeqBlocks& seq(SeqId seq_id);
   const SeqBlocks& seq(SeqId seq_id) const;
   void check_block(BlockId block_id) const;
