@@ -65,10 +65,7 @@ int64_t BatchBuilder::build(const Scheduler& scheduler, int64_t pad_to) {
     }
     // NOTE: looked up on every use, never cached: Python may free a sequence through
     // scheduler.allocator, and a stale pointer would write into another sequence's blocks.
-    const SeqBlocks* seq = scheduler.allocator_.find_seq(req.request_id);
-    if (seq == nullptr) {
-      throw std::invalid_argument("unknown sequence " + std::to_string(req.request_id));
-    }
+    const BlockId* table = scheduler.allocator_.block_table(req.request_id).data();
     const int64_t start = req.num_computed_tokens;
     const int64_t n = req.num_scheduled;
     const int64_t seq_len = start + n;
@@ -78,7 +75,6 @@ int64_t BatchBuilder::build(const Scheduler& scheduler, int64_t pad_to) {
                                   std::to_string(num_blocks) + " blocks > max_blocks_per_seq=" +
                                   std::to_string(max_blocks_per_seq_));
     }
-    const BlockId* table = seq->blocks.data();
     std::memcpy(&input_ids_[static_cast<size_t>(t)], &req.token_ids[static_cast<size_t>(start)],
                 static_cast<size_t>(n) * sizeof(int32_t));
     int64_t* pos = &positions_[static_cast<size_t>(t)];

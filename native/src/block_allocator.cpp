@@ -5,12 +5,22 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace helixflow {
 
 namespace {
 constexpr uint64_t kFnvOffset = 0xCBF29CE484222325ULL;
 constexpr uint64_t kFnvPrime = 0x100000001B3ULL;
+
+// Checked before any member is sized by it.
+int64_t checked_num_blocks(int64_t num_blocks) {
+  if (num_blocks < 1 || num_blocks > INT32_MAX) {
+    throw std::invalid_argument("num_blocks must be in [1, 2**31), got " +
+                                std::to_string(num_blocks));
+  }
+  return num_blocks;
+}
 }  // namespace
 
 uint64_t hash_block_tokens(uint64_t parent_hash, const TokenId* tokens, size_t num_tokens) {
@@ -71,13 +81,9 @@ void BlockHashTable::erase(uint64_t hash) {
 }
 
 BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching)
-    : num_blocks_(num_blocks), block_size_(block_size),
+    : num_blocks_(checked_num_blocks(num_blocks)), block_size_(block_size),
       enable_prefix_caching_(enable_prefix_caching),
-      cached_(enable_prefix_caching && num_blocks > 0 && num_blocks <= INT32_MAX ? num_blocks : 0) {
-  if (num_blocks < 1 || num_blocks > INT32_MAX) {
-    throw std::invalid_argument("num_blocks must be in [1, 2**31), got " +
-                                std::to_string(num_blocks));
-  }
+      cached_(enable_prefix_caching ? num_blocks_ : 0) {
   if (block_size < 1 || block_size > (1 << 20)) {
     throw std::invalid_argument("block_size must be in [1, 2**20], got " +
                                 std::to_string(block_size));
@@ -102,26 +108,14 @@ AllocatorStats BlockAllocator::stats() const {
                         query_tokens_ ? static_cast<double>(hit_tokens_) / query_tokens_ : 0.0};
 }
 
-SeqBlocks* BlockAllocator::find_seq(SeqId seq_id) {
-  auto it = seqs_.find(seq_id);
-  return it == seqs_.end() ? nullptr : &it->second;
-}
-
-const SeqBlocks* BlockAllocator::find_seq(SeqId seq_id) const {
-  auto it = seqs_.find(seq_id);
-  return it == seqs_.end() ? nullptr : &it->second;
-}
-
-SeqBlocks& BlockAllocator::seq(SeqId seq_id) {
-  auto it = seqs_.find(seq_id);
-  if (it == seqs_.end()) throw std::invalid_argument("unknown sequence " + std::to_string(seq_id));
-  return it->second;
-}
-
 const SeqBlocks& BlockAllocator::seq(SeqId seq_id) const {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) throw std::invalid_argument("unknown sequence " + std::to_string(seq_id));
   return it->second;
+}
+
+SeqBlocks& BlockAllocator::seq(SeqId seq_id) {
+  return const_cast<SeqBlocks&>(std::as_const(*this).seq(seq_id));
 }
 
 const std::vector<BlockId>& BlockAllocator::block_table(SeqId seq_id) const {

@@ -214,18 +214,14 @@ std::unique_ptr<SchedulerOutput> Scheduler::schedule() {
     Request* req = running_[i];
     const int64_t num_new = std::min(req->num_tokens() - req->num_computed_tokens, budget);
     const int64_t end = req->num_computed_tokens + num_new;
-    bool got = false;
     bool self_preempted = false;
-    while (!(got = allocator_.append_slots(req->request_id, req->num_computed_tokens, end,
-                                           out->blocks_to_copy))) {
-      Request* victim = running_.back();
+    while (!self_preempted && !allocator_.append_slots(req->request_id, req->num_computed_tokens,
+                                                       end, out->blocks_to_copy)) {
+      Request* victim = running_.back();  // lowest priority, newest
       running_.pop_back();
       preempt(victim);
       out->preempted_ids.push_back(victim->request_id);
-      if (victim == req) {
-        self_preempted = true;
-        break;
-      }
+      self_preempted = victim == req;
     }
     if (self_preempted) break;
     add_row(req, num_new);

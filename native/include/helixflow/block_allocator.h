@@ -100,9 +100,6 @@ class BlockAllocator {
   void fork(SeqId parent_id, SeqId child_id);
   void free(SeqId seq_id);
 
-  // Stable while the sequence holds blocks (node-based map); nullptr if unknown.
-  SeqBlocks* find_seq(SeqId seq_id);
-  const SeqBlocks* find_seq(SeqId seq_id) const;
 
  private:
   bool append_slots(SeqBlocks& seq, int64_t num_computed_tokens, int64_t num_tokens,
