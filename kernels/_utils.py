@@ -3,6 +3,10 @@
 Every public host function validates its tensors before a launch: a Triton kernel given a wrong
 shape, dtype or stride reads or writes out of bounds instead of failing, so each check raises a
 ``ValueError`` that names the argument and says what was expected.
+
+NOTE: every launch passes ``enable_fp_fusion`` explicitly: Triton 3.9 warns on each compile that
+leaves it to the environment (its default changes in 3.10), and the kernels' numerics should not
+depend on the Triton version.
 """
 
 from __future__ import annotations

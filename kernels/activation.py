@@ -81,5 +81,6 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
         d,
         BLOCK_SIZE=block,
         num_warps=4 if block >= 512 else 1,
+        enable_fp_fusion=True,
     )
     return out

@@ -232,13 +232,13 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         UPCAST=upcast, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_out, part_stats, out, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_PAD=next_power_of_2(num_splits),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            num_warps=4,
+            num_warps=4, enable_fp_fusion=True,
         )  # fmt: skip
     return out

@@ -184,6 +184,7 @@ def rms_norm(
         BLOCK_SIZE=block,
         SINGLE_PASS=single_pass,
         num_warps=num_warps,
+        enable_fp_fusion=True,
     )
     return out
 
@@ -219,5 +220,6 @@ def fused_add_rms_norm(
         BLOCK_SIZE=block,
         SINGLE_PASS=single_pass,
         num_warps=num_warps,
+        enable_fp_fusion=True,
     )
     return x

@@ -223,6 +223,8 @@ def paged_prefill_attention(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         UPCAST=is_interpreter() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        # NOTE: fp32 tiles with two stages need ~115 KB of shared memory, more than consumer
+        # GPUs (~99 KB) give a block; one stage halves it.
+        num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2, enable_fp_fusion=True,
     )  # fmt: skip
     return out

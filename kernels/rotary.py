@@ -166,4 +166,5 @@ def rotary_embedding(
         BLOCK_K_HEADS=_block_heads(num_kv_heads, block_pairs),
         IS_NEOX=bool(is_neox),
         num_warps=4,
+        enable_fp_fusion=True,
     )
