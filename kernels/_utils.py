@@ -69,6 +69,22 @@ def check_tensor(
     return t
 
 
+def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., n] as a [rows, n] view (never a copy: in-place ops write through it).
+
+    The last dimension must have unit stride and the leading ones must flatten to one row stride
+    (true for contiguous tensors and for row slices such as ``x[:, :hidden]`` of a wider buffer).
+    """
+    check_tensor(name, t, contiguous=False, last_dim_contiguous=True)
+    try:
+        return t.view(-1, t.size(-1))
+    except RuntimeError:
+        raise ValueError(
+            f"{name} must have leading dimensions that flatten to one row stride "
+            f"(shape {tuple(t.shape)}, strides {t.stride()})"
+        ) from None
+
+
 def check_same_dtype(names: str, *tensors: torch.Tensor) -> None:
     """All ``tensors`` share one dtype; ``names`` reads like "q, k and v"."""
     dtypes = {t.dtype for t in tensors}

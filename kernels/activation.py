@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from helixflow.kernels._utils import check_launchable, check_tensor, next_power_of_2
+from helixflow.kernels._utils import as_rows, check_launchable, next_power_of_2
 from helixflow.kernels.reference.activation import check_silu_and_mul_args
 
 MAX_BLOCK_SIZE = 1024
@@ -43,18 +43,6 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * out_row_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    """``t`` [..., n] as a [rows, n] view; the leading dimensions must flatten to one stride."""
-    check_tensor(name, t, contiguous=False, last_dim_contiguous=True)
-    try:
-        return t.view(-1, t.size(-1))
-    except RuntimeError:
-        raise ValueError(
-            f"{name} must have leading dimensions that flatten to one row stride "
-            f"(shape {tuple(t.shape)}, strides {t.stride()})"
-        ) from None
-
-
 def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` in fp32, rounded once to ``x.dtype``.
 
@@ -64,10 +52,10 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     """
     x, d = check_silu_and_mul_args(x, out)
     check_launchable(x, "x")
-    x_rows = _rows("x", x)
+    x_rows = as_rows("x", x)
     if out is None:
         out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
-    out_rows = _rows("out", out)
+    out_rows = as_rows("out", out)
     num_rows = x_rows.size(0)
     if num_rows == 0:
         return out

@@ -23,25 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from helixflow.kernels._utils import (
-    FLOAT_DTYPES,
-    check_launchable,
-    check_positive,
-    check_tensor,
-    is_interpreter,
-    next_power_of_2,
+from helixflow.kernels._attention import (
+    LOG2E,
+    check_options,
+    check_paged_cache,
+    check_query,
+    dot,
+    output_for,
 )
-from helixflow.kernels.prefill_attention import check_paged_cache
-
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # NOTE: fp32 inputs would run as TF32 on tensor cores by default; "ieee" keeps fp32 exact.
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+from helixflow.kernels._utils import check_launchable, is_interpreter, next_power_of_2
 
 
 @triton.jit
@@ -77,7 +67,8 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + rows  # query heads of this group
     q = tl.load(
         q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
     )  # [GROUP_PAD, HEAD_DIM_PAD]
     if UPCAST:
         q = q.to(tl.float32)
@@ -99,13 +90,13 @@ def _paged_decode_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [GROUP_PAD, BLOCK_N], log2 domain
+        s = dot(q, tl.trans(k), IEEE) * qk_scale  # [GROUP_PAD, BLOCK_N], log2 domain
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m = m_new
 
     # A sequence (or split) with no keys leaves l == 0: its output is zero, not NaN.
@@ -113,7 +104,8 @@ def _paged_decode_kernel(
     if NUM_SPLITS == 1:
         tl.store(
             out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
-            out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & dim_ok[None, :],
         )
     else:
         # part_out: [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM_PAD]; stats: [..., NUM_SPLITS, 2]
@@ -188,26 +180,17 @@ def paged_decode_attention(
     ``max_seq_len`` (a host-side upper bound, e.g. from the batch builder) only tunes the split
     count; ``num_splits`` forces it. Nothing here syncs with the device.
     """
-    q = check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, contiguous=False,
-                     last_dim_contiguous=True)  # fmt: skip
+    q = check_query(q)
     check_launchable(q, "q")
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = check_paged_cache(q, key_cache, value_cache, block_tables,
                                                  seq_lens, num_seqs)  # fmt: skip
-    check_positive("scale", scale)
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+    check_options(scale, sliding_window)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device, max_seq_len)
     elif not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits must be in [1, 256], got {num_splits}")
-    if out is None:
-        out = torch.empty_like(q)
-    else:
-        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device, contiguous=False,
-                     last_dim_contiguous=True)  # fmt: skip
-        if out.shape != q.shape:
-            raise ValueError(f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    out = output_for(q, out, zeros=False)
     if num_seqs == 0:
         return out
 
@@ -225,7 +208,7 @@ def paged_decode_attention(
         part_out = part_stats = out  # unused
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_stats,
-        scale * _LOG2E, sliding_window or 0,
+        scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from helixflow.kernels._utils import (
+    as_rows,
     check_launchable,
     check_same_dtype,
     check_shape,
@@ -116,22 +117,6 @@ def _fused_add_rms_norm_kernel(
             tl.store(x_row + start + cols, y, mask=mask)
 
 
-def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    """``t`` [..., hidden] as a [rows, hidden] view (never a copy: in-place ops write through it).
-
-    The last dimension must have unit stride and the leading ones must flatten to one row stride
-    (true for contiguous tensors and for row slices such as ``x[:, :hidden]`` of a wider buffer).
-    """
-    check_tensor(name, t, contiguous=False, last_dim_contiguous=True)
-    try:
-        return t.view(-1, t.size(-1))
-    except RuntimeError:
-        raise ValueError(
-            f"{name} must have leading dimensions that flatten to one row stride "
-            f"(shape {tuple(t.shape)}, strides {t.stride()})"
-        ) from None
-
-
 def _check_norm_args(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,14 +146,14 @@ def rms_norm(
     contiguous tensor.
     """
     x, weight = _check_norm_args(x, weight, eps)
-    x_rows = _rows("x", x)
+    x_rows = as_rows("x", x)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:
         check_tensor("out", out, device=x.device, contiguous=False)
         check_shape("out", out, tuple(x.shape))
         check_same_dtype("x and out", x, out)
-    out_rows = _rows("out", out)
+    out_rows = as_rows("out", out)
     num_rows, hidden = x_rows.shape
     if num_rows == 0:
         return out
@@ -203,8 +188,8 @@ def fused_add_rms_norm(
     residual = check_tensor("residual", residual, device=x.device, contiguous=False)
     check_shape("residual", residual, tuple(x.shape))
     check_same_dtype("x and residual", x, residual)
-    x_rows = _rows("x", x)
-    res_rows = _rows("residual", residual)
+    x_rows = as_rows("x", x)
+    res_rows = as_rows("residual", residual)
     num_rows, hidden = x_rows.shape
     if num_rows == 0:
         return x

@@ -27,25 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
+from helixflow.kernels._attention import (
+    LOG2E,
+    check_options,
+    check_paged_cache,
+    check_query,
+    dot,
+    output_for,
+)
 from helixflow.kernels._utils import (
-    FLOAT_DTYPES,
     INDEX_DTYPES,
     check_launchable,
-    check_positive,
     check_tensor,
     is_interpreter,
     next_power_of_2,
 )
-
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # NOTE: fp32 inputs would run as TF32 on tensor cores by default; "ieee" keeps fp32 exact.
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -105,7 +101,7 @@ def _paged_prefill_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        s = dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         allowed = tok_ok[None, :] & (toks[None, :] <= q_pos[:, None])
         in_window = toks[None, :] > q_pos[:, None] - sliding_window
         allowed = allowed & ((sliding_window == 0) | in_window)
@@ -116,49 +112,12 @@ def _paged_prefill_kernel(
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m = m_new
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + q_tok[:, None] * stride_o_tok + head * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
-
-
-def check_paged_cache(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    num_seqs: int,
-) -> tuple[int, int]:
-    """Validate the cache, block tables and lengths against ``q``; -> (num_kv_heads, block_size)."""
-    dev = q.device
-    key_cache = check_tensor("key_cache", key_cache, ndim=4, dtypes=(q.dtype,), device=dev)
-    value_cache = check_tensor("value_cache", value_cache, ndim=4, dtypes=(q.dtype,), device=dev)
-    if value_cache.shape != key_cache.shape:
-        raise ValueError(
-            f"value_cache shape {tuple(value_cache.shape)} != key_cache shape "
-            f"{tuple(key_cache.shape)}"
-        )
-    _, block_size, num_kv_heads, head_dim = key_cache.shape
-    num_heads = q.shape[1]
-    if q.shape[2] != head_dim:
-        raise ValueError(f"q has head_dim {q.shape[2]} but key_cache has {head_dim}")
-    if head_dim > 256:
-        raise ValueError(f"head_dim must be <= 256, got {head_dim}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(
-            f"q's {num_heads} heads must be a multiple of key_cache's {num_kv_heads} KV heads"
-        )
-    block_tables = check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES,
-                                device=dev, contiguous=False, last_dim_contiguous=True)  # fmt: skip
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
-    seq_lens = check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev)
-    if seq_lens.shape[0] != num_seqs:
-        raise ValueError(f"seq_lens has {seq_lens.shape[0]} entries for {num_seqs} sequences")
-    return num_kv_heads, block_size
 
 
 def paged_prefill_attention(
@@ -182,8 +141,7 @@ def paged_prefill_attention(
     sizes the grid; without it one ``.item()`` sync computes it. Rows past
     ``query_start_loc[-1]`` are not written.
     """
-    q = check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, contiguous=False,
-                     last_dim_contiguous=True)  # fmt: skip
+    q = check_query(q)
     check_launchable(q, "q")
     query_start_loc = check_tensor("query_start_loc", query_start_loc, ndim=1,
                                    dtypes=INDEX_DTYPES, device=q.device)  # fmt: skip
@@ -192,16 +150,8 @@ def paged_prefill_attention(
         raise ValueError("query_start_loc must have num_seqs + 1 >= 1 entries")
     num_kv_heads, block_size = check_paged_cache(q, key_cache, value_cache, block_tables,
                                                  seq_lens, num_seqs)  # fmt: skip
-    check_positive("scale", scale)
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
-    if out is None:
-        out = torch.zeros_like(q)
-    else:
-        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device, contiguous=False,
-                     last_dim_contiguous=True)  # fmt: skip
-        if out.shape != q.shape:
-            raise ValueError(f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    check_options(scale, sliding_window)
+    out = output_for(q, out, zeros=True)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
     elif max_query_len < 0:
@@ -216,7 +166,7 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
     _paged_prefill_kernel[grid](
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * _LOG2E, sliding_window or 0,
+        scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
