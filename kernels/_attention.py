@@ -24,6 +24,30 @@ def dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def load_kv_tile(
+    k_cache_ptr, v_cache_ptr, table_ptr, toks, tok_ok, dims, dim_ok, head_offset,
+    stride_c_block, stride_c_tok,
+    BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Keys and values ``[len(toks), len(dims)]`` of one KV head for the token positions
+    ``toks`` of a sequence whose block table starts at ``table_ptr``; masked rows are zero.
+
+    Each token's row is found through its block: ``table[tok // BLOCK_SIZE]``, row
+    ``tok % BLOCK_SIZE``; only entries of valid tokens are read, so a stale block-table tail is
+    never touched.
+    """
+    block = tl.load(table_ptr + toks // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+    offs = block * stride_c_block + (toks % BLOCK_SIZE).to(tl.int64) * stride_c_tok + head_offset
+    mask = tok_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_cache_ptr + offs[:, None] + dims[None, :], mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=mask, other=0.0)
+    if UPCAST:  # NOTE: the interpreter's tl.dot mis-handles bfloat16
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
 def check_query(q: object) -> torch.Tensor:
     """``q`` [tokens, heads, head_dim], float, unit stride in the last dimension."""
     checked: torch.Tensor = check_tensor(

@@ -29,6 +29,7 @@ from helixflow.kernels._attention import (
     check_paged_cache,
     check_query,
     dot,
+    load_kv_tile,
     output_for,
 )
 from helixflow.kernels._utils import check_launchable, is_interpreter, next_power_of_2
@@ -80,16 +81,9 @@ def _paged_decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         toks = start + tl.arange(0, BLOCK_N)
         tok_ok = toks < hi
-        block = tl.load(block_tables_ptr + seq * stride_bt_seq + toks // BLOCK_SIZE,
-                        mask=tok_ok, other=0).to(tl.int64)  # fmt: skip
-        offs = block * stride_c_block + (toks % BLOCK_SIZE).to(tl.int64) * stride_c_tok
-        offs = offs + cache_head
-        kv_mask = tok_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt_seq,
+                            toks, tok_ok, dims, dim_ok, cache_head, stride_c_block, stride_c_tok,
+                            BLOCK_SIZE, UPCAST)  # fmt: skip
         s = dot(q, tl.trans(k), IEEE) * qk_scale  # [GROUP_PAD, BLOCK_N], log2 domain
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))

@@ -33,6 +33,7 @@ from helixflow.kernels._attention import (
     check_paged_cache,
     check_query,
     dot,
+    load_kv_tile,
     output_for,
 )
 from helixflow.kernels._utils import (
@@ -91,16 +92,9 @@ def _paged_prefill_kernel(
     for start in range(lo, hi, BLOCK_N):
         toks = start + tl.arange(0, BLOCK_N)
         tok_ok = toks < hi
-        block = tl.load(block_tables_ptr + seq * stride_bt_seq + toks // BLOCK_SIZE,
-                        mask=tok_ok, other=0).to(tl.int64)  # fmt: skip
-        offs = block * stride_c_block + (toks % BLOCK_SIZE).to(tl.int64) * stride_c_tok
-        offs = offs + cache_head
-        kv_mask = tok_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt_seq,
+                            toks, tok_ok, dims, dim_ok, cache_head, stride_c_block, stride_c_tok,
+                            BLOCK_SIZE, UPCAST)  # fmt: skip
         s = dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         allowed = tok_ok[None, :] & (toks[None, :] <= q_pos[:, None])
         in_window = toks[None, :] > q_pos[:, None] - sliding_window
