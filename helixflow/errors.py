@@ -76,6 +76,12 @@ class ConfigError(HelixFlowError):
     code = "config_error"
 
 
+class ModelLoadError(HelixFlowError):
+    """A model's files are missing, corrupt or of an unsupported kind; the message says which."""
+
+    code = "model_load_error"
+
+
 class InvalidRequestError(HelixFlowError):
     """The request body or parameters are malformed or out of range."""
 
