@@ -24,7 +24,7 @@ _CONTEXT_TOKENS = 6
 class Decoder(Protocol):
     """The part of a tokenizer this module needs."""
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDetokenizer:

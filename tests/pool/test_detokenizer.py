@@ -21,7 +21,7 @@ class ByteDecoder:
     def __init__(self, vocab: dict[int, bytes]) -> None:
         self.vocab = vocab
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         raw = b"".join(b"" if (i == SPECIAL and skip_special_tokens) else self.vocab[i]
                        for i in ids)  # fmt: skip
         return raw.decode("utf-8", errors="replace")

@@ -1,0 +1,151 @@
+"""``AsyncLLMEngine``: an asyncio front over ``LLMEngine``, one async stream per request.
+
+The engine steps on its own thread (a step is seconds of torch work on CPU and must not block
+the event loop); requests and aborts reach it through a queue that is drained before every
+step, and each step's outputs are handed back to the event loop with ``call_soon_threadsafe``.
+A stream that is closed early (client gone, task cancelled) aborts its request, so its KV
+blocks are freed at the next step. If a step raises, every open stream gets the error and the
+engine refuses new work (a broken model must not look healthy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+from helixflow.errors import HelixFlowError, OverloadedError
+from helixflow.pool.llm_engine import LLMEngine, RequestOutput
+from helixflow.pool.sampling_params import SamplingParams
+
+log = logging.getLogger("helixflow.pool.engine")
+
+
+class EngineDeadError(HelixFlowError):
+    """The engine's step failed; it serves nothing more until restarted."""
+
+    code = "engine_dead"
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+
+class AsyncLLMEngine:
+    """Thread-stepped ``LLMEngine`` with ``generate()`` as an async iterator per request."""
+
+    def __init__(self, engine: LLMEngine, *, max_pending: int = 4096) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self._commands: queue.SimpleQueue[tuple[str, tuple[object, ...]]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="helixflow-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        """False once a step has failed or the engine was shut down."""
+        return self._error is None and not self._stop.is_set()
+
+    @property
+    def num_streams(self) -> int:
+        """Requests currently being served or queued."""
+        return len(self._streams)
+
+    async def generate(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them, until it finishes.
+
+        Validation errors of ``add_request`` are raised here; leaving the loop early (or being
+        cancelled) aborts the request.
+        """
+        if self._error is not None:
+            raise EngineDeadError("the inference engine failed and must be restarted")
+        if len(self._streams) >= self.max_pending:
+            raise OverloadedError("too many requests are queued; retry later")
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if request_id in self._streams:
+                raise HelixFlowError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        self._submit("add", request_id, list(prompt_ids), params)
+        finished = False
+        try:
+            while True:
+                item = await stream.items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._submit("abort", request_id)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the stepping thread (in-flight streams get ``EngineDeadError``)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _submit(self, command: str, *args: object) -> None:
+        self._commands.put((command, args))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody listens
+                stream.loop.call_soon_threadsafe(stream.items.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command, args = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command == "abort":
+                self.engine.abort(str(args[0]))
+                continue
+            request_id, prompt, params = args
+            assert isinstance(request_id, str) and isinstance(params, SamplingParams)
+            try:
+                self.engine.add_request(request_id, prompt, params)  # type: ignore[arg-type]
+            except HelixFlowError as err:
+                self._deliver(request_id, err)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # NOTE: any failure must reach every client
+            log.exception("engine step failed; the engine stops serving")
+            self._error = exc
+        error = EngineDeadError("the inference engine stopped")
+        if self._error is not None:
+            error.__cause__ = self._error
+        with self._lock:
+            ids = list(self._streams)
+        for request_id in ids:
+            self._deliver(request_id, error)
