@@ -2,6 +2,7 @@
 
 Subcommands:
     info    what is installed: versions, the native core's build, optional GPU stack
+    pull    download a known model into the local cache (or check a local path)
 
 ``helixflow serve`` and the per-service commands arrive with later issues.
 """
@@ -57,6 +58,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    # NOTE: imported here so `helixflow info` and `--help` stay fast and never touch the cache.
+    from helixflow.errors import HelixFlowError
+    from helixflow.models.hub import pull
+
+    try:
+        path = pull(args.model, force=args.force, quiet=args.quiet)
+    except HelixFlowError as exc:
+        print(f"helixflow pull: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("helixflow pull: interrupted; nothing was added to the cache", file=sys.stderr)
+        return 130
+    print(path)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="helixflow",
@@ -66,6 +84,19 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="show versions and how the native core was built")
     info.set_defaults(handler=_cmd_info)
+    pull = commands.add_parser(
+        "pull",
+        help="download a known model into the local cache and print its path",
+        description="Download a known model (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) into "
+        "$HELIXFLOW_HOME/models, verifying every file's sha256, and print its local path. "
+        "A path to a .gguf file or a Hugging Face model directory is checked and printed as is.",
+    )
+    pull.add_argument("model", metavar="NAME|PATH", help="a known model name or a local path")
+    pull.add_argument(
+        "--force", action="store_true", help="download again, replacing a cached (corrupt) copy"
+    )
+    pull.add_argument("--quiet", action="store_true", help="print only the final path")
+    pull.set_defaults(handler=_cmd_pull)
     return parser
 
 

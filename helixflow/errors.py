@@ -140,6 +140,14 @@ class OverloadedError(HelixFlowError):
     code = "overloaded"
 
 
+class EngineDeadError(HelixFlowError):
+    """The inference engine failed; it serves nothing more until it is restarted."""
+
+    status = 503
+    type = "server_error"
+    code = "engine_dead"
+
+
 class UpstreamTimeoutError(HelixFlowError):
     """A backend (inference pool or upstream provider) did not answer in time."""
 

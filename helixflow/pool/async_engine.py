@@ -17,17 +17,11 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from helixflow.errors import HelixFlowError, OverloadedError
+from helixflow.errors import EngineDeadError, HelixFlowError, OverloadedError
 from helixflow.pool.llm_engine import LLMEngine, RequestOutput
 from helixflow.pool.sampling_params import SamplingParams
 
 log = logging.getLogger("helixflow.pool.engine")
-
-
-class EngineDeadError(HelixFlowError):
-    """The engine's step failed; it serves nothing more until restarted."""
-
-    code = "engine_dead"
 
 
 class _Stream:

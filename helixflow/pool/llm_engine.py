@@ -257,7 +257,9 @@ class LLMEngine:
         by_row = {r.native_id: lp for r, lp in zip(reqs, logprobs, strict=True)}
         finished = dict(update.finished)
         outputs: list[RequestOutput] = []
-        for native_id, token in zip(update.req_ids, update.token_ids, strict=True):
+        # NOTE: tolist() gives Python ints (iterating the native arrays gives numpy scalars).
+        req_ids, token_ids = update.req_ids.tolist(), update.token_ids.tolist()
+        for native_id, token in zip(req_ids, token_ids, strict=True):
             req = self._by_native.get(native_id)
             if req is None:  # aborted while its step ran
                 continue

@@ -9,6 +9,8 @@ from helixflow import errors
 EXPECTED_STATUS = {
     errors.HelixFlowError: 500,
     errors.ConfigError: 500,
+    errors.ModelLoadError: 500,
+    errors.EngineDeadError: 503,
     errors.InvalidRequestError: 400,
     errors.AuthenticationError: 401,
     errors.PermissionDeniedError: 403,
