@@ -18,6 +18,26 @@ ROOT_HASH: int
 _Ids = Sequence[int] | npt.NDArray[np.integer]
 
 def hash_block_tokens(parent_hash: int, token_ids: _Ids) -> int: ...
+def paged_decode_attention(
+    q: npt.NDArray[np.float32],
+    key_cache: npt.NDArray[np.float32],
+    value_cache: npt.NDArray[np.float32],
+    block_tables: npt.NDArray[np.int32],
+    seq_lens: npt.NDArray[np.int32],
+    scale: float,
+    sliding_window: int,
+    out: npt.NDArray[np.float32],
+    num_threads: int = 1,
+) -> None:
+    """Decode attention over a paged fp32 KV cache on the CPU, written into ``out``.
+
+    ``q``/``out`` ``[S, H, D]`` (rows and heads strided, unit last stride), caches
+    ``[num_blocks, block_size, Hkv, D]`` contiguous, ``block_tables`` ``[S, W]`` int32,
+    ``seq_lens`` ``[S]`` int32; ``sliding_window`` 0 = none. Same semantics as
+    ``helixflow.kernels.paged_decode_attention``; a sequence of length 0 gets zeros. Raises
+    ValueError (before writing) for a bad dtype/shape/layout, a sequence longer than its table
+    or a block id outside the cache. Releases the GIL; ``num_threads`` threads share the work.
+    """
 
 class BlockAllocator:
     """Reference-counted paged KV blocks with prefix caching and copy-on-write forks."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helixflow import _native
 from helixflow import kernels as K
 from helixflow.models.config import AttentionMetadata, ModelConfig
 
@@ -42,91 +43,120 @@ def _listed(names: Iterable[str]) -> str:
     return shown + (f" ... and {more} more" if more > 0 else "")
 
 
-def _gather_kv(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Each sequence's cached rows as a strided view: cache [blocks, bs, Hkv, D], tables
-    [S, nb] int64 -> fp32 [S, Hkv, nb * bs, D] (one gather copy, then a transposed view)."""
-    num_seqs, num_blocks = tables.shape
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    # NOTE: index_select is several times faster on the CPU than advanced indexing.
-    rows = cache.index_select(0, tables.flatten())  # [S * nb, bs, Hkv, D]
-    rows = rows.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    return rows.transpose(1, 2).float()
-
-
 @dataclass(frozen=True)
-class _QueryGroup:
-    """Sequences whose query rows are attended together, padded to ``Q`` rows each."""
+class _Chunk:
+    """One sequence's prompt chunk: its query rows, cached blocks and (if needed) its mask."""
 
-    rows: torch.Tensor  # [S', Q] int64: flat token row of each query slot (pads repeat the last)
-    tables: torch.Tensor  # [S', nb] int64: live blocks; stale entries replaced by block 0
-    allowed: torch.Tensor  # [S', 1, Q, L] bool: causal, within seq_len and the window
-    keep: torch.Tensor  # [S', Q] bool: the real (not padded) query slots
-    out_rows: torch.Tensor  # [n] int64: rows[keep]
+    start: int  # first flat token row
+    end: int  # one past the last
+    blocks: torch.Tensor  # [nb] int64: the blocks holding keys 0 .. seq_len - 1
+    seq_len: int  # keys in the cache, this chunk's included
+    mask: torch.Tensor | None  # [Q, seq_len] bool; None: plain causal (the chunk is the sequence)
 
 
 class CpuAttentionPlan:
-    """Paged attention on the CPU: index tensors built once per step, shared by every layer.
+    """Paged attention on the CPU: index data built once per step, shared by every layer.
 
     Same semantics as the kernels (``kernels/reference/attention.py``), organised for the CPU:
-    sequences with one query token form one group, those with a chunk another padded only to
-    the longest chunk among them (padding a decode batch to a prompt chunk's length would cost
-    ``num_seqs * chunk * context`` scores); the live blocks are gathered once per layer and
-    torch's SDPA attends (its CPU flash kernel reads the strided K/V views in place and handles
-    GQA without repeating K/V). Padded token rows and sequences of length 0 get zeros.
 
-    NOTE: building the plan reads the step's small index tensors on the host, which is free on
-    the CPU; the model uses it only there (on CUDA the Triton kernels run and nothing syncs).
+    - Decode rows (one query token each) go to the native ``paged_decode_attention``, which
+      walks every sequence's blocks in place: no gather copy, no padding to the longest
+      sequence, each key row read once for all the query heads that share it.
+    - Each prompt chunk is attended on its own with torch's SDPA over its gathered blocks:
+      ``is_causal`` (the flash kernel skips the masked half) when the chunk is the whole
+      sequence, an explicit mask when it follows cached tokens or a sliding window applies.
+      Padding chunks to a common length would cost ``chunks * longest**2`` scores instead.
+
+    A non-fp32 cache (the native kernel reads fp32) sends decode rows down the chunk path.
+    Padded token rows and sequences of length 0 get zeros.
     """
 
     def __init__(self, meta: AttentionMetadata, block_size: int, sliding_window: int | None):
-        starts = meta.query_start_loc.long()
-        query_lens = starts[1:] - starts[:-1]  # [S]
-        seq_lens = meta.seq_lens.long()
-        self.groups: list[_QueryGroup] = []
-        for chunked in (False, True):
-            picked = (query_lens > 1) if chunked else (query_lens == 1) & (seq_lens > 0)
-            seqs = picked.nonzero().flatten()
-            if seqs.numel():
-                self.groups.append(_plan_group(meta, seqs, starts, query_lens, seq_lens,
-                                               block_size, sliding_window))  # fmt: skip
+        starts = meta.query_start_loc.tolist()
+        seq_lens = meta.seq_lens.tolist()
+        self.block_size = block_size
+        self.sliding_window = sliding_window
+        self.num_threads = torch.get_num_threads()
+        # (seq, first row, end row, seq_len) of each prompt chunk and each decode row
+        self.chunks: list[tuple[int, int, int, int]] = []
+        self.decode_specs: list[tuple[int, int, int, int]] = []
+        for seq, (start, end, seq_len) in enumerate(
+            zip(starts[:-1], starts[1:], seq_lens, strict=True)
+        ):
+            if end - start == 1 and seq_len > 0:
+                self.decode_specs.append((seq, start, end, seq_len))
+            elif end > start:
+                self.chunks.append((seq, start, end, seq_len))
+        decode_seqs = [spec[0] for spec in self.decode_specs]
+        self.num_seqs = len(seq_lens)
+        self.num_tokens = int(meta.slot_mapping.shape[0])
+        self.tables = meta.block_tables
+        idx = torch.tensor(decode_seqs, dtype=torch.int64)
+        self.decode_rows = torch.tensor([spec[1] for spec in self.decode_specs], dtype=torch.int64)
+        self.decode_all = len(decode_seqs) == self.num_seqs == self.num_tokens
+        self.decode_tables = meta.block_tables.index_select(0, idx).to(torch.int32).contiguous()
+        self.decode_lens = meta.seq_lens.index_select(0, idx).to(torch.int32).contiguous()
+        self._chunk_cache: list[_Chunk] | None = None
+
+    def _chunks(self, decode_too: bool) -> list[_Chunk]:
+        """The chunks, built on first use (the index data is the same for every layer)."""
+        if self._chunk_cache is not None:
+            return self._chunk_cache
+        specs = self.chunks + (self.decode_specs if decode_too else [])
+        self._chunk_cache = []
+        for seq, start, end, seq_len in specs:
+            blocks = self.tables[seq, : -(-seq_len // self.block_size)].long()
+            q_len = end - start
+            mask = None
+            if (q_len != seq_len and q_len > 1) or self.sliding_window is not None:
+                q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
+                k_pos = torch.arange(seq_len)[None, :]
+                mask = k_pos <= q_pos
+                if self.sliding_window is not None:
+                    mask &= k_pos > q_pos - self.sliding_window
+            self._chunk_cache.append(_Chunk(start, end, blocks, seq_len, mask))
+        return self._chunk_cache
 
     def attend(
         self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """q [T, H, D] (the step's queries, RoPE applied) -> attention output [T, H, D]."""
+        native = key_cache.dtype == torch.float32 and q.dtype == torch.float32
+        if native and self.decode_all:
+            out = torch.empty_like(q)
+            self._decode(q, key_cache, value_cache, scale, out)
+            return out
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        for g in self.groups:
-            qg = q[g.rows].float().transpose(1, 2)  # [S', H, Q, D]
-            k = _gather_kv(key_cache, g.tables)  # [S', Hkv, L, D]
-            v = _gather_kv(value_cache, g.tables)
+        if native and self.decode_rows.numel():
+            dec = torch.empty((self.decode_rows.numel(), *q.shape[1:]), dtype=q.dtype)
+            self._decode(q.index_select(0, self.decode_rows), key_cache, value_cache, scale, dec)
+            out.index_copy_(0, self.decode_rows, dec)
+        num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+        for c in self._chunks(decode_too=not native):
+            k = key_cache.index_select(0, c.blocks).view(-1, num_kv_heads, head_dim)[: c.seq_len]
+            v = value_cache.index_select(0, c.blocks).view(-1, num_kv_heads, head_dim)[: c.seq_len]
+            # NOTE: 4-d inputs: SDPA takes its fused CPU kernel for them (3-d: ~3x slower).
             att = F.scaled_dot_product_attention(
-                qg, k, v, attn_mask=g.allowed, scale=scale, enable_gqa=True
-            ).transpose(1, 2)  # [S', Q, H, D]
-            out[g.out_rows] = att[g.keep].to(q.dtype)
+                q[c.start : c.end].transpose(0, 1).float()[None],
+                k.transpose(0, 1).float()[None],
+                v.transpose(0, 1).float()[None],
+                attn_mask=c.mask,
+                is_causal=c.mask is None and c.end - c.start > 1,
+                scale=scale,
+                enable_gqa=True,
+            )  # [1, H, Q, D]
+            out[c.start : c.end] = att[0].transpose(0, 1).to(q.dtype)
         return out
 
-
-def _plan_group(
-    meta: AttentionMetadata, seqs: torch.Tensor, starts: torch.Tensor, query_lens: torch.Tensor,
-    seq_lens: torch.Tensor, block_size: int, sliding_window: int | None,
-) -> _QueryGroup:  # fmt: skip
-    lens, qlens = seq_lens[seqs], query_lens[seqs]  # [S']
-    num_blocks = -(-int(lens.max()) // block_size)
-    tables = meta.block_tables[seqs, :num_blocks].long()
-    # NOTE: entries past a sequence's last block may be stale (the batch builder leaves them),
-    # so they are pointed at block 0: the gather stays in range and their keys are masked.
-    live = torch.arange(num_blocks) < (-(-lens // block_size))[:, None]
-    tables = torch.where(live, tables, torch.zeros_like(tables))
-    slots = torch.arange(int(qlens.max()))  # [Q]
-    clamped = torch.minimum(slots[None, :], qlens[:, None] - 1)  # [S', Q]
-    rows = starts[seqs][:, None] + clamped
-    q_pos = ((lens - qlens)[:, None] + clamped)[..., None]  # [S', Q, 1]
-    k_pos = torch.arange(num_blocks * block_size)  # [L]
-    allowed = (k_pos <= q_pos) & (k_pos < lens[:, None, None])  # [S', Q, L]
-    if sliding_window is not None:
-        allowed &= k_pos > q_pos - sliding_window
-    keep = slots[None, :] < qlens[:, None]
-    return _QueryGroup(rows, tables, allowed[:, None], keep, rows[keep])
+    def _decode(
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
+        out: torch.Tensor,
+    ) -> None:  # fmt: skip
+        _native.paged_decode_attention(
+            q.numpy(), key_cache.numpy(), value_cache.numpy(), self.decode_tables.numpy(),
+            self.decode_lens.numpy(), scale, self.sliding_window or 0, out.numpy(),
+            self.num_threads,
+        )  # fmt: skip
 
 
 class LlamaAttention(nn.Module):

@@ -25,6 +25,7 @@ import torch
 import helixflow.kernels as K
 from helixflow import _native
 from helixflow.errors import InvalidRequestError
+from helixflow.kernels.reference.sampling import sample_inverse_cdf
 from helixflow.models.config import AttentionMetadata
 from helixflow.pool.detokenizer import Decoder, IncrementalDetokenizer
 from helixflow.pool.logits_processing import RowState, process_logits, top_logprobs
@@ -238,7 +239,10 @@ class LLMEngine:
             top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
         if any(r.params.min_p > 0.0 for r in sampled):
             min_p = torch.tensor([r.params.min_p for r in reqs], dtype=torch.float32, device=dev)
-        tokens = K.sample(adjusted, temps, seeds, top_k=top_k, top_p=top_p, min_p=min_p)
+        # NOTE: the torch path draws by inverting the CDF (one random number per row) rather
+        # than the kernel's per-token Gumbel noise: same distribution, far less CPU work.
+        sampler = K.sample if K.backend_for(adjusted) == "triton" else sample_inverse_cdf
+        tokens = sampler(adjusted, temps, seeds, top_k=top_k, top_p=top_p, min_p=min_p)
         out: list[TokenLogprob | None] = [None] * len(reqs)
         want = [i for i, r in enumerate(reqs) if r.params.logprobs]
         if want:

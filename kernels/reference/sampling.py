@@ -218,12 +218,57 @@ def sample(
     check_sample_args(logits, temperature, seeds, top_k, top_p, min_p)
     vocab = logits.shape[1]
     raw = logits.float()  # [B, V]; exact for fp16/bf16
-    scaled = raw * inverse_temperature(temperature)[:, None]
-    threshold = sampling_thresholds(scaled, top_k, top_p, min_p)  # [B]
-    # NOTE: the noise is made on the host in numpy (the reference of Triton's Philox); this
-    # syncs with the device, which is fine for a reference and for the CPU path.
-    noise = torch.from_numpy(gumbel_noise(seeds.cpu().numpy(), vocab)).to(logits.device)
+    tokens = raw.argmax(dim=-1)  # greedy rows: lowest index on ties
+    # NOTE: the reference syncs with the device here and below (it makes its noise on the
+    # host), so it may as well skip the greedy rows: noise for 128k-token rows is not free.
+    rows = (temperature > 0).nonzero().flatten()
+    if rows.numel() == 0:
+        return tokens
+    scaled = raw[rows] * inverse_temperature(temperature[rows])[:, None]
+    threshold = sampling_thresholds(scaled, *(_pick(f, rows) for f in (top_k, top_p, min_p)))
+    noise = torch.from_numpy(gumbel_noise(seeds[rows].cpu().numpy(), vocab)).to(logits.device)
     perturbed = torch.where(scaled >= threshold[:, None], scaled + noise, float("-inf"))
-    drawn = perturbed.argmax(dim=-1)  # first index on ties, like the kernel
-    greedy = raw.argmax(dim=-1)
-    return torch.where(temperature > 0, drawn, greedy)
+    tokens[rows] = perturbed.argmax(dim=-1)  # first index on ties, like the kernel
+    return tokens
+
+
+def _pick(values: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values[rows]
+
+
+def sample_inverse_cdf(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    *,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`sample`'s distribution from ONE random number per row: the CPU serving path.
+
+    Same arguments, filters and greedy rule as :func:`sample`, but the draw inverts the kept
+    tokens' cumulative distribution at ``u = uniform(philox(seed, 0))`` instead of adding Gumbel
+    noise to every logit: a few passes over the vocabulary instead of ten Philox rounds per
+    token (~0.6 s per step of 64 rows of 49k tokens in numpy). Reproducible for a seed, but a
+    seed draws a different token here than in :func:`sample` and the Triton kernel.
+    """
+    check_sample_args(logits, temperature, seeds, top_k, top_p, min_p)
+    raw = logits.float()
+    tokens = raw.argmax(dim=-1)
+    rows = (temperature > 0).nonzero().flatten()
+    if rows.numel() == 0:
+        return tokens
+    scaled = raw[rows] * inverse_temperature(temperature[rows])[:, None]
+    threshold = sampling_thresholds(scaled, *(_pick(f, rows) for f in (top_k, top_p, min_p)))
+    kept = torch.where(scaled >= threshold[:, None], scaled, float("-inf"))
+    cdf = torch.softmax(kept, dim=-1).cumsum(dim=-1)  # [R, V]; flat over dropped tokens
+    bits = philox_randint(seeds[rows].cpu().numpy(), np.zeros(1, dtype=np.int32))[:, 0]
+    u = torch.from_numpy((bits >> np.uint32(UNIFORM_SHIFT)).astype(np.float32)) + 0.5
+    total = cdf[:, -1:]
+    # NOTE: u in (0, 1) puts x strictly below the total mass, but the product can round up to
+    # it; the clamp keeps x below, so the first cdf entry above x is a kept token's.
+    x = torch.minimum(u.to(cdf.device)[:, None] * UNIFORM_SCALE * total,
+                      torch.nextafter(total, torch.zeros_like(total)))  # fmt: skip
+    tokens[rows] = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    return tokens

@@ -8,9 +8,11 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "helixflow/batch_builder.h"
 #include "helixflow/block_allocator.h"
+#include "helixflow/cpu_attention.h"
 #include "helixflow/scheduler.h"
 
 #ifndef HELIXFLOW_BUILD_INFO
@@ -309,10 +311,96 @@ build() overwrites them and releases the GIL. Not thread-safe.)doc")
       });
 }
 
+// ---- CPU attention ------------------------------------------------------------------------------
+// Arrays arrive as numpy views of torch CPU tensors (tensor.numpy(): no copy); every property the
+// kernel relies on is checked here, with the argument's name in the error.
+template <typename T>
+void check_array(const char* name, const py::array& a, py::ssize_t ndim, bool contiguous) {
+  if (!a.dtype().is(py::dtype::of<T>())) {
+    throw std::invalid_argument(std::string(name) + " must be " +
+                                (std::is_same_v<T, float> ? "float32" : "int32") + ", got " +
+                                std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != ndim) {
+    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) +
+                                " dimensions, got " + std::to_string(a.ndim()));
+  }
+  const bool ok = contiguous ? (a.flags() & py::array::c_style) != 0
+                             : a.shape(ndim - 1) <= 1 || a.strides(ndim - 1) == sizeof(T);
+  if (!ok) {
+    throw std::invalid_argument(std::string(name) + (contiguous ? " must be contiguous"
+                                                                : " must have a unit last stride"));
+  }
+  for (py::ssize_t d = 0; d < ndim; ++d) {
+    if (a.strides(d) % static_cast<py::ssize_t>(sizeof(T)) != 0 || a.strides(d) < 0) {
+      throw std::invalid_argument(std::string(name) + " has unaligned or negative strides");
+    }
+  }
+}
+
+void check_dim(const char* name, py::ssize_t got, py::ssize_t want, const char* what) {
+  if (got != want) {
+    throw std::invalid_argument(std::string(name) + ": expected " + what + " = " +
+                                std::to_string(want) + ", got " + std::to_string(got));
+  }
+}
+
+void bind_cpu_attention(py::module_& m) {
+  m.def(
+      "paged_decode_attention",
+      [](const py::array& q, const py::array& key_cache, const py::array& value_cache,
+         const py::array& block_tables, const py::array& seq_lens, float scale,
+         int64_t sliding_window, py::array& out, int num_threads) {
+        check_array<float>("q", q, 3, false);
+        check_array<float>("key_cache", key_cache, 4, true);
+        check_array<float>("value_cache", value_cache, 4, true);
+        check_array<int32_t>("block_tables", block_tables, 2, false);
+        check_array<int32_t>("seq_lens", seq_lens, 1, true);
+        check_array<float>("out", out, 3, false);
+        if (!out.writeable()) throw std::invalid_argument("out must be writeable");
+        for (py::ssize_t d = 0; d < 4; ++d) {
+          check_dim("value_cache", value_cache.shape(d), key_cache.shape(d), "key_cache's shape");
+        }
+        const py::ssize_t num_seqs = q.shape(0);
+        check_dim("q", q.shape(2), key_cache.shape(3), "head_dim");
+        check_dim("block_tables", block_tables.shape(0), num_seqs, "num_seqs");
+        check_dim("seq_lens", seq_lens.shape(0), num_seqs, "num_seqs");
+        for (py::ssize_t d = 0; d < 3; ++d) check_dim("out", out.shape(d), q.shape(d), "q's shape");
+        if (sliding_window < 0) throw std::invalid_argument("sliding_window must be >= 0");
+        PagedDecodeArgs a;
+        a.q = static_cast<const float*>(q.data());
+        a.q_seq_stride = q.strides(0) / 4;
+        a.q_head_stride = q.strides(1) / 4;
+        a.key_cache = static_cast<const float*>(key_cache.data());
+        a.value_cache = static_cast<const float*>(value_cache.data());
+        a.num_blocks = key_cache.shape(0);
+        a.block_size = key_cache.shape(1);
+        a.num_kv_heads = key_cache.shape(2);
+        a.head_dim = key_cache.shape(3);
+        a.num_heads = q.shape(1);
+        a.num_seqs = num_seqs;
+        a.block_tables = static_cast<const int32_t*>(block_tables.data());
+        a.table_width = block_tables.shape(1);
+        a.table_stride = block_tables.strides(0) / 4;
+        a.seq_lens = static_cast<const int32_t*>(seq_lens.data());
+        a.scale = scale;
+        a.sliding_window = sliding_window;
+        a.out = static_cast<float*>(out.mutable_data());
+        a.out_seq_stride = out.strides(0) / 4;
+        a.out_head_stride = out.strides(1) / 4;
+        py::gil_scoped_release release;
+        paged_decode_attention(a, num_threads);
+      },
+      py::arg("q"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
+      py::arg("seq_lens"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),
+      py::arg("num_threads") = 1,
+      "Decode attention over a paged fp32 KV cache, in place into out (see cpu_attention.h).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "HelixFlow's native engine core: BlockAllocator, Scheduler, BatchBuilder.";
+  m.doc() = "HelixFlow's native engine core: BlockAllocator, Scheduler, BatchBuilder, CPU attention.";
   m.attr("__build_info__") = HELIXFLOW_BUILD_INFO;
   m.attr("ROOT_HASH") = py::int_(kRootHash);
   m.def(
@@ -327,4 +415,5 @@ PYBIND11_MODULE(_native, m) {
   bind_outputs(m);
   bind_scheduler(m);
   bind_batch_builder(m);
+  bind_cpu_attention(m);
 }

@@ -334,3 +334,52 @@ def test_cpu_tensor_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) 
     args = _args()
     with pytest.raises(ValueError, match="logits is on cpu"):
         tri.sample(args.pop("logits"), args.pop("temperature"), args.pop("seeds"), **args)
+
+
+# ---- the CPU serving path: inverse-CDF draw, same distribution -------------------------------
+@pytest.mark.parametrize(("temperature", "filters"), STAT_CASES)
+def test_inverse_cdf_frequencies_match_distribution(
+    rng: torch.Generator, temperature: float, filters: dict[str, Any]
+) -> None:
+    n = 20000
+    seeds = torch.randint(-(2**63), 2**63 - 1, (n,), generator=rng)
+    tokens = _draw(ref.sample_inverse_cdf, "cpu", n, seeds, temperature, **filters)
+    _assert_frequencies(tokens, _expected_probs(temperature, **filters))
+
+
+def test_inverse_cdf_frequencies_with_consecutive_seeds() -> None:
+    n = 20000
+    tokens = _draw(ref.sample_inverse_cdf, "cpu", n, torch.arange(n) + 2**32 - 7, 1.0)
+    _assert_frequencies(tokens, _expected_probs(1.0))
+
+
+def test_inverse_cdf_reproducible_greedy_rows_and_batch_independent(rng: torch.Generator) -> None:
+    logits = torch.randn(24, 1000, generator=rng) * 3
+    temperature = torch.rand(24, generator=rng) + 0.5
+    temperature[::5] = 0.0  # greedy rows
+    seeds = torch.randint(-(2**63), 2**63 - 1, (24,), generator=rng)
+    first = ref.sample_inverse_cdf(logits, temperature, seeds, top_p=torch.full((24,), 0.95))
+    again = ref.sample_inverse_cdf(logits, temperature, seeds, top_p=torch.full((24,), 0.95))
+    assert torch.equal(first, again)
+    greedy = temperature == 0
+    assert torch.equal(first[greedy], logits[greedy].argmax(-1))
+    alone = ref.sample_inverse_cdf(logits[3:4], temperature[3:4], seeds[3:4],
+                                   top_p=torch.full((1,), 0.95))  # fmt: skip
+    assert alone.item() == first[3].item()
+    assert (first != ref.sample_inverse_cdf(logits, temperature, seeds + 1)).any()
+
+
+def test_inverse_cdf_never_draws_a_filtered_token_at_the_top_of_the_cdf() -> None:
+    """u close to 1 must land on the last KEPT token, not on filtered tokens after it."""
+    logits = torch.tensor([[5.0, 4.0, -50.0, -60.0]]).expand(4096, 4)
+    seeds = torch.arange(4096)
+    tokens = ref.sample_inverse_cdf(logits, torch.ones(4096), seeds, top_k=torch.full((4096,), 2))
+    assert set(tokens.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize(("name", "override"), BAD_ARGS)
+def test_inverse_cdf_bad_arguments_raise(name: str, override: dict[str, Any]) -> None:
+    args = {**_args(), **override}
+    logits, temperature, seeds = args.pop("logits"), args.pop("temperature"), args.pop("seeds")
+    with pytest.raises(ValueError, match=name):
+        ref.sample_inverse_cdf(logits, temperature, seeds, **args)
