@@ -87,7 +87,7 @@ class InvalidRequestError(HelixFlowError):
 
     status = 400
     type = "invalid_request_error"
-    code = None
+    code: str | None = None
 
 
 class AuthenticationError(HelixFlowError):

@@ -41,22 +41,29 @@ class EngineOptions:
     enable_prefix_caching: bool = True
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _device_and_dtype(opts: EngineOptions) -> tuple[torch.device, torch.dtype]:
-    name = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device_and_dtype(
+    device: str | None, dtype: str | None, *, cuda_default: torch.dtype
+) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype a model runs in; ConfigError naming the bad option.
+
+    ``device`` None: CUDA when available, else CPU. ``dtype`` None: ``cuda_default`` on CUDA,
+    fp32 on the CPU.
+    """
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        dev = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"device: {name!r} is not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: CUDA was asked for but no GPU is available")
-    if opts.dtype is None:
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if opts.dtype not in _DTYPES:
-        raise ConfigError(f"dtype: must be one of {', '.join(_DTYPES)}, got {opts.dtype!r}")
-    return device, _DTYPES[opts.dtype]
+    if dtype is None:
+        return dev, cuda_default if dev.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dev, DTYPES[dtype]
 
 
 def build_engine(
@@ -69,7 +76,7 @@ def build_engine(
     if cfg.architecture != "llama":
         raise ConfigError(f"model {loaded.source.name} is a {cfg.architecture} model, not a "
                           "chat/completions model")  # fmt: skip
-    device, dtype = _device_and_dtype(opts)
+    device, dtype = pick_device_and_dtype(opts.device, opts.dtype, cuda_default=torch.bfloat16)
     start = time.perf_counter()
     model = LlamaForCausalLM(cfg, dtype=dtype, device=device)
     model.load_weights(loaded.weights())
