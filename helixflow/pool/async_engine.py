@@ -79,7 +79,7 @@ class AsyncLLMEngine:
                 item = await stream.items.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                finished = item.request_finished
                 yield item
                 if finished:
                     return

@@ -44,6 +44,12 @@ def token_seed(seed: int, index: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of an ``n > 1`` request; choice 0 keeps the request's seed
+    (so it draws what the same request with ``n = 1`` would)."""
+    return seed if index == 0 else token_seed(seed, -index)
+
+
 class CausalLM(Protocol):
     """What the engine needs of a model (``helixflow.models.llama.LlamaForCausalLM``)."""
 
@@ -69,7 +75,11 @@ class TokenLogprob:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request: new tokens and the text they settled."""
+    """What one step produced for one choice of a request: new tokens, the text they settled.
+
+    ``finished`` says this choice is done; ``request_finished`` that every choice of the
+    request is (the same thing when ``n == 1``): no more outputs come for the request then.
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -79,17 +89,26 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    index: int = 0
+    request_finished: bool = False
 
 
 @dataclass
 class _Request:
+    """One choice of a request (one sequence in the scheduler)."""
+
     request_id: str
     native_id: int
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
     detok: IncrementalDetokenizer
+    index: int = 0
     output_ids: list[int] = field(default_factory=list)
+    done: bool = False
+    # choices 1 .. n-1, forked from this one (sharing its prompt's KV blocks) once its prompt
+    # is computed; until then they are known to the engine only
+    children: list[_Request] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -128,8 +147,8 @@ class LLMEngine:
             enable_prefix_caching=enable_prefix_caching,
         )  # fmt: skip
         self.builder = _native.BatchBuilder.for_scheduler(self.scheduler)
-        self._requests: dict[str, _Request] = {}
-        self._by_native: dict[int, _Request] = {}
+        self._requests: dict[str, list[_Request]] = {}  # request id -> its choices
+        self._by_native: dict[int, _Request] = {}  # the choices the scheduler knows
         self._ids = itertools.count(1)
         self._entropy = random.SystemRandom()
 
@@ -140,9 +159,6 @@ class LLMEngine:
         """Queue a request; raises ``InvalidRequestError`` for a prompt that cannot be served."""
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if params.n != 1:
-            raise InvalidRequestError("this engine call takes n == 1; fan out n > 1 above it",
-                                      param="n")  # fmt: skip
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -155,26 +171,37 @@ class LLMEngine:
                 f"the prompt has {len(prompt)} tokens; this model's context is "
                 f"{self.max_model_len} tokens", param="messages", code="context_length_exceeded",
             )  # fmt: skip
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        native_id = next(self._ids)
-        self.scheduler.add_request(
-            native_id, prompt, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens),
-            eos_token_ids=list(self.eos_token_ids), stop_token_ids=list(params.stop_token_ids),
-            ignore_eos=params.ignore_eos,
-        )  # fmt: skip
         seed = params.seed if params.seed is not None else self._entropy.getrandbits(63)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt, stop=params.stop)
-        req = _Request(request_id, native_id, prompt, params, seed, detok)
-        self._requests[request_id] = req
-        self._by_native[native_id] = req
+        choices = [
+            _Request(request_id, next(self._ids), prompt, params, choice_seed(seed, i),
+                     IncrementalDetokenizer(self.tokenizer, prompt, stop=params.stop), index=i)
+            for i in range(params.n)
+        ]  # fmt: skip
+        self._schedule_choice(choices[0])
+        choices[0].children = choices[1:]
+        self._requests[request_id] = choices
+
+    def _schedule_choice(self, req: _Request) -> None:
+        """Hand a choice to the scheduler as a request of its own (prompt computed anew, or
+        found in the prefix cache)."""
+        p = req.params
+        room = self.max_model_len - len(req.prompt_ids)
+        max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
+        self.scheduler.add_request(
+            req.native_id, req.prompt_ids, max_tokens=max_tokens,
+            min_tokens=min(p.min_tokens, max_tokens), eos_token_ids=list(self.eos_token_ids),
+            stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        )  # fmt: skip
+        self._by_native[req.native_id] = req
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request (queued or running); False if it is unknown or already finished."""
-        req = self._requests.pop(request_id, None)
-        if req is None:
+        """Drop a request (queued or running, every choice); False if it is unknown or done."""
+        choices = self._requests.pop(request_id, None)
+        if choices is None:
             return False
-        del self._by_native[req.native_id]
-        self.scheduler.abort(req.native_id)
+        for req in choices:
+            if self._by_native.pop(req.native_id, None) is not None:
+                self.scheduler.abort(req.native_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -205,22 +232,69 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return the requests that produced tokens or finished."""
+        """Run one scheduling step; return the choices that produced tokens or finished."""
         sched = self.scheduler.schedule()
         if sched.num_reqs == 0:
             return []
+        if sched.blocks_to_copy:
+            self._copy_blocks(sched.blocks_to_copy)
         num_tokens = self.builder.build(self.scheduler)
         num_seqs = sched.num_reqs
         meta = self._metadata(num_tokens, num_seqs)
         ids = torch.from_numpy(self.builder.input_ids[:num_tokens]).to(self.device)
         pos = torch.from_numpy(self.builder.positions[:num_tokens]).to(self.device)
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        last = meta.query_start_loc[1:].long() - 1
-        logits = self.model.compute_logits(hidden[last])  # [num_seqs, vocab]
-        reqs = [self._by_native[int(rid)] for rid in sched.req_ids]
-        tokens, logprobs = self._sample(logits, reqs)
-        update = self.scheduler.update(tokens.tolist())
-        return self._collect(reqs, update, logprobs)
+        reqs = [self._by_native[rid] for rid in sched.req_ids.tolist()]
+        # NOTE: a row whose prompt is still incomplete after this chunk samples nothing (the
+        # scheduler ignores its token), so it gets no logits.
+        done = (sched.num_computed_tokens + sched.num_scheduled_tokens).tolist()
+        rows = [i for i, r in enumerate(reqs) if done[i] >= len(r.prompt_ids) + len(r.output_ids)]
+        forked = self._fork_children(reqs, rows)  # (row of the parent, child)
+        rows_to_sample = rows + [i for i, _ in forked]
+        sampled_reqs = [reqs[i] for i in rows] + [child for _, child in forked]
+        tokens = [0] * (num_seqs + len(forked))
+        logprobs: dict[int, TokenLogprob] = {}
+        if rows_to_sample:
+            last = meta.query_start_loc[1:].long() - 1
+            picked = last[torch.tensor(rows_to_sample, device=last.device)]
+            logits = self.model.compute_logits(hidden[picked])  # [rows, vocab]
+            drawn, lps = self._sample(logits, sampled_reqs)
+            for slot, token in zip(rows + list(range(num_seqs, len(tokens))), drawn.tolist(),
+                                   strict=True):  # fmt: skip
+                tokens[slot] = token
+            logprobs = {
+                r.native_id: lp for r, lp in zip(sampled_reqs, lps, strict=True) if lp is not None
+            }
+        update = self.scheduler.update(tokens)
+        return self._collect(update, logprobs)
+
+    def _fork_children(self, reqs: list[_Request], rows: list[int]) -> list[tuple[int, _Request]]:
+        """Fork the waiting choices of every request whose prompt completes in this step.
+
+        A forked child shares the parent's KV blocks (copy-on-write) and joins this step: it
+        samples its first token from the parent's logits with its own seed. When the scheduler
+        has no room for another running sequence, the child is queued as a request of its own
+        instead (its prompt then comes from the prefix cache where the blocks are cached).
+        """
+        forked: list[tuple[int, _Request]] = []
+        for i in rows:
+            parent = reqs[i]
+            for child in parent.children:
+                if self.scheduler.fork(parent.native_id, child.native_id):
+                    self._by_native[child.native_id] = child
+                    forked.append((i, child))
+                else:
+                    self._schedule_choice(child)
+            parent.children = []
+        return forked
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: give a sequence its private copy of a shared KV block, every layer."""
+        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+        for key_cache, value_cache in self.kv_caches:
+            key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
+            value_cache.index_copy_(0, dst, value_cache.index_select(0, src))
 
     def _sample(
         self, logits: torch.Tensor, reqs: list[_Request]
@@ -255,10 +329,8 @@ class LLMEngine:
         return tokens.cpu(), out
 
     def _collect(
-        self, reqs: list[_Request], update: _native.UpdateOutput,
-        logprobs: list[TokenLogprob | None],
-    ) -> list[RequestOutput]:  # fmt: skip
-        by_row = {r.native_id: lp for r, lp in zip(reqs, logprobs, strict=True)}
+        self, update: _native.UpdateOutput, logprobs: dict[int, TokenLogprob]
+    ) -> list[RequestOutput]:
         finished = dict(update.finished)
         outputs: list[RequestOutput] = []
         # NOTE: tolist() gives Python ints (iterating the native arrays gives numpy scalars).
@@ -273,15 +345,21 @@ class LLMEngine:
             if reason is None and req.detok.stopped_by is not None:
                 self.scheduler.abort(native_id)  # a stop string: the scheduler cannot see it
                 reason = "stop"
+            all_done = False
             if reason is not None:
                 text += req.detok.flush()
-                del self._requests[req.request_id]
+                req.done = True
                 del self._by_native[native_id]
-            lp = by_row.get(native_id)
+                choices = self._requests[req.request_id]
+                all_done = all(c.done for c in choices)
+                if all_done:
+                    del self._requests[req.request_id]
+            lp = logprobs.get(native_id)
             outputs.append(RequestOutput(
                 request_id=req.request_id, new_token_ids=[token], new_text=text,
                 finished=reason is not None, finish_reason=reason,
                 num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
-                logprobs=[lp] if lp is not None else [],
+                logprobs=[lp] if lp is not None else [], index=req.index,
+                request_finished=all_done,
             ))  # fmt: skip
         return outputs

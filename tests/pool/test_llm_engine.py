@@ -103,6 +103,53 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(engine: LLMEngine) 
     assert token_ids(run_all(engine)["s3"]) != first
 
 
+def by_choice(outs: list[RequestOutput]) -> dict[int, list[int]]:
+    choices: dict[int, list[int]] = {}
+    for o in outs:
+        choices.setdefault(o.index, []).extend(o.new_token_ids)
+    return choices
+
+
+def test_n_choices_share_the_prompt_and_match_separate_requests(smollm: LoadedModel) -> None:
+    """n = 3 forks two children off the prompt's KV blocks (copy-on-write). Each choice must
+    equal the same choice computed with no sharing at all (max_num_seqs = 1 leaves no room to
+    fork, so the children run as requests of their own): broken sharing or a missed block copy
+    would change the tokens. Choice 0 draws what an n = 1 request with the seed draws."""
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=20, ignore_eos=True, n=3)
+    shared = build_engine(smollm, EngineOptions(max_model_len=256, num_blocks=64))
+    prompt = chat(shared, "Write a short poem about the sea.")
+    assert len(prompt) % 16 != 0  # the last prompt block is partly filled: shared, then copied
+    shared.add_request("p", prompt, params)
+    blocks = -(-len(prompt) // 16)
+    first = shared.step()  # the whole prompt, then every choice's first token
+    # the prompt's blocks are held once (the children share them), not three times
+    assert shared.scheduler.allocator.num_used_blocks == blocks
+    got = by_choice(first + run_all(shared)["p"])
+
+    solo = build_engine(smollm, EngineOptions(max_model_len=256, num_blocks=64, max_num_seqs=1))
+    solo.add_request("p", prompt, params)
+    want = by_choice(run_all(solo)["p"])
+    assert sorted(got) == sorted(want) == [0, 1, 2]
+    assert all(len(v) == 20 for v in want.values())
+    assert len({tuple(v) for v in want.values()}) == 3  # three different continuations
+    solo.add_request("one", prompt, SamplingParams(temperature=1.0, seed=7, max_tokens=20,
+                                                   ignore_eos=True))  # fmt: skip
+    assert token_ids(run_all(solo)["one"]) == want[0]
+    assert got == want
+
+
+def test_n_choices_finish_together_and_abort_together(engine: LLMEngine) -> None:
+    params = SamplingParams(temperature=0.9, seed=3, max_tokens=6, n=2, ignore_eos=True)
+    engine.add_request("two", chat(engine, QUESTIONS[3]), params)
+    outs = run_all(engine)["two"]
+    assert [o.request_finished for o in outs].count(True) == 1 and outs[-1].request_finished
+    assert sorted(o.index for o in outs if o.finished) == [0, 1]
+    engine.add_request("cut", chat(engine, QUESTIONS[3]), params)
+    engine.step()
+    assert engine.abort("cut") and not engine.has_unfinished()
+    assert engine.scheduler.allocator.num_used_blocks == 0
+
+
 def test_stop_strings_logprobs_and_lengths(engine: LLMEngine) -> None:
     prompt = chat(engine, "Count from 1 to 20, separated by commas.")
     engine.add_request("plain", prompt, SamplingParams(temperature=0, max_tokens=40))
