@@ -155,7 +155,10 @@ class BatchBuilder:
     """Preallocated flat-batch buffers exposed as numpy views (overwritten by each build)."""
 
     def __init__(
-        self, max_num_seqs: int, max_num_batched_tokens: int, max_blocks_per_seq: int,
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_blocks_per_seq: int,
         block_size: int,
     ) -> None: ...
     @staticmethod

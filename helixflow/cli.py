@@ -61,7 +61,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_pull(args: argparse.Namespace) -> int:
     # NOTE: imported here so `helixflow info` and `--help` stay fast and never touch the cache.
     from helixflow.errors import HelixFlowError
-    from helixflow.models.hub import pull
+    from helixflow.pool.models.hub import pull
 
     try:
         path = pull(args.model, force=args.force, quiet=args.quiet)

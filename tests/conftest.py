@@ -3,7 +3,7 @@
 The real-model fixtures pull SmolLM2-135M-Instruct and all-MiniLM-L6-v2 once per session into
 ``$HELIXFLOW_TEST_MODEL_CACHE`` when set (CI keeps it between runs), else into a session
 temporary directory. Tests that corrupt or delete cache entries work on their own copy under
-``tmp_path``, never on this shared cache. NOTE: helixflow.models (torch) is imported inside the
+``tmp_path``, never on this shared cache. NOTE: helixflow.pool.models (torch) is imported inside the
 fixtures, so suites that do not use them (the sanitizer run of tests/native) need no torch.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from helixflow.models.loader import LoadedModel
+    from helixflow.pool.models.loader import LoadedModel
 
 SMOLLM = "SmolLM2-135M-Instruct"
 MINILM = "all-MiniLM-L6-v2"
@@ -28,7 +28,7 @@ def model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A HELIXFLOW_HOME whose cache holds both known models."""
     cached = os.environ.get("HELIXFLOW_TEST_MODEL_CACHE")
     home = Path(cached) if cached else tmp_path_factory.mktemp("helixflow_home")
-    from helixflow.models import hub
+    from helixflow.pool.models import hub
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HELIXFLOW_HOME", str(home))
@@ -57,7 +57,7 @@ def minilm_path(model_home: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm(smollm_path: Path) -> LoadedModel:
     """SmolLM2-135M-Instruct's files, read (config, tokenizer, lazy weights)."""
-    from helixflow.models.loader import load_model_files
+    from helixflow.pool.models.loader import load_model_files
 
     return load_model_files(smollm_path)
 
@@ -65,7 +65,7 @@ def smollm(smollm_path: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def minilm(minilm_path: Path) -> LoadedModel:
     """all-MiniLM-L6-v2's files, read."""
-    from helixflow.models.loader import load_model_files
+    from helixflow.pool.models.loader import load_model_files
 
     return load_model_files(minilm_path)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from helixflow.errors import ConfigError, InvalidRequestError
-from helixflow.models.bert import POOLING_MODES, BertModel
-from helixflow.models.loader import LoadedModel, load_model_files
-from helixflow.models.tokenizer import Tokenizer
+from helixflow.pool.models.bert import POOLING_MODES, BertModel
+from helixflow.pool.models.loader import LoadedModel, load_model_files
+from helixflow.pool.models.tokenizer import Tokenizer
 from helixflow.pool.runner import pick_device_and_dtype
 
 __all__ = [

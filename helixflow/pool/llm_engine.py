@@ -26,9 +26,9 @@ import helixflow.kernels as K
 from helixflow import _native
 from helixflow.errors import InvalidRequestError
 from helixflow.kernels.reference.sampling import sample_inverse_cdf
-from helixflow.models.config import AttentionMetadata
 from helixflow.pool.detokenizer import Decoder, IncrementalDetokenizer
 from helixflow.pool.logits_processing import RowState, process_logits, top_logprobs
+from helixflow.pool.models.config import AttentionMetadata
 from helixflow.pool.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -51,7 +51,7 @@ def choice_seed(seed: int, index: int) -> int:
 
 
 class CausalLM(Protocol):
-    """What the engine needs of a model (``helixflow.models.llama.LlamaForCausalLM``)."""
+    """What the engine needs of a model (``helixflow.pool.models.llama.LlamaForCausalLM``)."""
 
     def __call__(
         self,

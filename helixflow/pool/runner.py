@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from helixflow.errors import ConfigError
-from helixflow.models.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-from helixflow.models.llama import LlamaForCausalLM
-from helixflow.models.loader import LoadedModel, load_model_files
 from helixflow.pool.llm_engine import LLMEngine
+from helixflow.pool.models.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from helixflow.pool.models.llama import LlamaForCausalLM
+from helixflow.pool.models.loader import LoadedModel, load_model_files
 
 log = logging.getLogger("helixflow.pool.runner")
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from helixflow.errors import ConfigError, InvalidRequestError
-from helixflow.models.loader import LoadedModel, load_model_files
 from helixflow.pool.embedder import Embedder, build_embedder, plan_batches
+from helixflow.pool.models.loader import LoadedModel, load_model_files
 
 ATOL = 1e-5
 SENTENCES = [

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from helixflow.errors import InvalidRequestError
-from helixflow.models.loader import LoadedModel
 from helixflow.pool.async_engine import AsyncLLMEngine
 from helixflow.pool.llm_engine import LLMEngine, RequestOutput
+from helixflow.pool.models.loader import LoadedModel
 from helixflow.pool.runner import EngineOptions, build_engine
 from helixflow.pool.sampling_params import SamplingParams
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from helixflow.models.loader import LoadedModel
+from helixflow.pool.models.loader import LoadedModel
 from helixflow.pool.runner import EngineOptions, build_engine
 from helixflow.pool.sampling_params import SamplingParams
 

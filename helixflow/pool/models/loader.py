@@ -18,11 +18,11 @@ from typing import Literal
 import torch
 
 from helixflow.errors import ModelLoadError
-from helixflow.models import gguf_loader, hf_loader
-from helixflow.models.config import ModelConfig
-from helixflow.models.hf_loader import EmbeddingSpec
-from helixflow.models.hub import resolve_model
-from helixflow.models.tokenizer import Tokenizer
+from helixflow.pool.models import gguf_loader, hf_loader
+from helixflow.pool.models.config import ModelConfig
+from helixflow.pool.models.hf_loader import EmbeddingSpec
+from helixflow.pool.models.hub import resolve_model
+from helixflow.pool.models.tokenizer import Tokenizer
 
 __all__ = ["LoadedModel", "load_model_files"]
 

@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from model_testing import randomize_  # noqa: E402
 
-from helixflow.models.bert import BertModel  # noqa: E402
-from helixflow.models.config import ModelConfig  # noqa: E402
+from helixflow.pool.models.bert import BertModel  # noqa: E402
+from helixflow.pool.models.config import ModelConfig  # noqa: E402
 
 ATOL = RTOL = 1e-4
 

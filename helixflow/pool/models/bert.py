@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helixflow.models.config import ModelConfig
+from helixflow.pool.models.config import ModelConfig
 
 __all__ = ["POOLING_MODES", "BertModel"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from helixflow.models.config import ModelConfig
+from helixflow.pool.models.config import ModelConfig
 
 __all__ = ["allocate_kv_cache", "kv_cache_bytes_per_block", "num_blocks_for_bytes"]
 

@@ -13,8 +13,8 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
 
 from helixflow.errors import ModelLoadError
-from helixflow.models.gguf_loader import unpermute_rope_rows
-from helixflow.models.loader import LoadedModel, load_model_files
+from helixflow.pool.models.gguf_loader import unpermute_rope_rows
+from helixflow.pool.models.loader import LoadedModel, load_model_files
 
 # Strings whose token ids must equal transformers': words, whitespace runs, digits (SmolLM
 # splits every digit), unicode of several scripts, emoji, code, and special tokens in text.

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer as BackendTokenizer
 
 from helixflow.errors import ModelLoadError
-from helixflow.models.config import ModelConfig
-from helixflow.models.tokenizer import Tokenizer
+from helixflow.pool.models.config import ModelConfig
+from helixflow.pool.models.tokenizer import Tokenizer
 
 __all__ = [
     "EmbeddingSpec",

@@ -30,13 +30,13 @@ from model_testing import (  # noqa: E402
     randomize_,
 )
 
-from helixflow.models.config import ModelConfig  # noqa: E402
-from helixflow.models.kv_cache import (  # noqa: E402
+from helixflow.pool.models.config import ModelConfig  # noqa: E402
+from helixflow.pool.models.kv_cache import (  # noqa: E402
     allocate_kv_cache,
     kv_cache_bytes_per_block,
     num_blocks_for_bytes,
 )
-from helixflow.models.llama import LlamaForCausalLM  # noqa: E402
+from helixflow.pool.models.llama import LlamaForCausalLM  # noqa: E402
 
 ATOL = RTOL = 1e-4
 SMALL: dict[str, Any] = dict(

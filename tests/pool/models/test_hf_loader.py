@@ -16,8 +16,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 
 from helixflow.errors import ModelLoadError
-from helixflow.models.hf_loader import hf_config, hf_weight_files, iter_hf_weights
-from helixflow.models.loader import LoadedModel, load_model_files
+from helixflow.pool.models.hf_loader import hf_config, hf_weight_files, iter_hf_weights
+from helixflow.pool.models.loader import LoadedModel, load_model_files
 
 TEXTS = [
     "Hello world!",

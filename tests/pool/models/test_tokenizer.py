@@ -10,7 +10,7 @@ from tokenizers import AddedToken, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from helixflow.errors import InvalidRequestError, ModelLoadError
-from helixflow.models.tokenizer import CHATML_TEMPLATE, Tokenizer
+from helixflow.pool.models.tokenizer import CHATML_TEMPLATE, Tokenizer
 
 VOCAB = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "there"]
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}

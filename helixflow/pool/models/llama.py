@@ -21,7 +21,7 @@ from torch import nn
 
 from helixflow import _native
 from helixflow import kernels as K
-from helixflow.models.config import AttentionMetadata, ModelConfig
+from helixflow.pool.models.config import AttentionMetadata, ModelConfig
 
 __all__ = ["LlamaForCausalLM"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helixflow.errors import ModelLoadError
-from helixflow.models import hub
+from helixflow.pool.models import hub
 
 SMOLLM = "SmolLM2-135M-Instruct"
 MINILM = "all-MiniLM-L6-v2"

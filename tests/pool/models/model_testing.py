@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from helixflow.models.config import AttentionMetadata, ModelConfig
-from helixflow.models.kv_cache import allocate_kv_cache
-from helixflow.models.llama import LlamaForCausalLM
+from helixflow.pool.models.config import AttentionMetadata, ModelConfig
+from helixflow.pool.models.kv_cache import allocate_kv_cache
+from helixflow.pool.models.llama import LlamaForCausalLM
 
 ON_GPU = torch.cuda.is_available()
 # NOTE: as in tests/kernels/conftest.py: without a GPU the Triton kernels can only run in the

@@ -25,8 +25,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as BackendTokenizer
 
 from helixflow.errors import ModelLoadError
-from helixflow.models.config import ModelConfig
-from helixflow.models.tokenizer import Tokenizer
+from helixflow.pool.models.config import ModelConfig
+from helixflow.pool.models.tokenizer import Tokenizer
 
 __all__ = [
     "gguf_config",
