@@ -34,7 +34,7 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     """
     x, d = check_silu_and_mul_args(x, out)
     xf = x.float()
-    y = (F.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
+    y = F.silu(xf[..., :d]).mul_(xf[..., d:]).to(x.dtype)  # silu() gives a new tensor
     if out is None:
         return y
     return out.copy_(y)

@@ -65,6 +65,17 @@ void attend_items(const PagedDecodeArgs& a, int64_t first, int64_t last) {
       const int64_t base = static_cast<int64_t>(table[t0 / bs]) * bs * row + h * D;
       const float* kb = a.key_cache + base;
       const float* vb = a.value_cache + base;
+      if (t0 + bs < len) {
+        // NOTE: the next block is elsewhere in memory; its rows are requested now so they
+        // arrive while this block is computed (the hardware prefetcher cannot guess the jump).
+        const int64_t next = static_cast<int64_t>(table[t0 / bs + 1]) * bs * row + h * D;
+        for (int64_t t = 0; t < std::min(len - t0 - bs, bs); ++t) {
+          for (int64_t d = 0; d < D; d += 16) {
+            __builtin_prefetch(a.key_cache + next + t * row + d);
+            __builtin_prefetch(a.value_cache + next + t * row + d);
+          }
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
         const float* qg = q + g * a.q_head_stride;
         float* sg = scores.data() + g * bs;
@@ -134,8 +145,17 @@ void validate(const PagedDecodeArgs& a) {
 void paged_decode_attention(const PagedDecodeArgs& args, int num_threads) {
   validate(args);
   const int64_t items = args.num_seqs * args.num_kv_heads;
-  // NOTE: a thread is worth starting only for a few thousand key rows of work.
   const int64_t threads = std::clamp<int64_t>(num_threads, 1, std::max<int64_t>(1, items));
+#ifdef _OPENMP
+  // NOTE: OpenMP, so the work runs on the process's one OpenMP pool, which torch's CPU ops
+  // use too: its workers are awake (spinning) right after a torch op, and no second pool
+  // competes with them for the cores.
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < threads; ++t) {
+    const int64_t per = (items + threads - 1) / threads;
+    attend_items(args, std::min(items, t * per), std::min(items, (t + 1) * per));
+  }
+#else
   if (threads == 1) {
     attend_items(args, 0, items);
     return;
@@ -150,6 +170,7 @@ void paged_decode_attention(const PagedDecodeArgs& args, int num_threads) {
   }
   attend_items(args, 0, std::min(items, per));
   for (auto& t : pool) t.join();
+#endif
 }
 
 }  // namespace helixflow
