@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from helixflow.pool.cuda_graphs import DecodeGraphs
 from helixflow.pool.llm_engine import LLMEngine
 from helixflow.pool.models.config import ModelConfig
 from helixflow.pool.models.kv_cache import allocate_kv_cache
@@ -309,7 +310,8 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
 
 
 def decode_run(model: LlamaForCausalLM, kv: list[tuple[torch.Tensor, torch.Tensor]],
-               batch: int, prompt_len: int, steps: int, max_model_len: int) -> float:  # fmt: skip
+               batch: int, prompt_len: int, steps: int, max_model_len: int,
+               graphs: bool = True) -> float:  # fmt: skip
     """Seconds for ``steps`` decode steps of ``batch`` sequences, every prompt prefilled."""
     cfg = model.config
     budget = max(2048, min(batch * prompt_len, 8192))
@@ -317,6 +319,12 @@ def decode_run(model: LlamaForCausalLM, kv: list[tuple[torch.Tensor, torch.Tenso
                        vocab_size=cfg.vocab_size, max_model_len=max_model_len,
                        max_num_seqs=batch, max_num_batched_tokens=budget,
                        enable_prefix_caching=False)  # fmt: skip
+    if graphs and kv[0][0].is_cuda:
+        captured = DecodeGraphs(model, kv, max_num_seqs=batch, max_model_len=max_model_len,
+                                max_blocks_per_seq=engine.builder.block_tables.shape[1],
+                                sizes=[batch])  # fmt: skip
+        captured.capture()
+        engine.graphs = captured if captured.enabled else None
     # NOTE: ahead-of-time requests (prefilled in an earlier chunk) must not finish in the window.
     params = SamplingParams(temperature=0, max_tokens=max_model_len - prompt_len, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch)
@@ -358,7 +366,8 @@ def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
         "Llama-3-8B shape, random weights"  # fmt: skip
     print(f"\n# GPU decode: {name}, {label}, {str(dtype).removeprefix('torch.')}, "
           f"{weight_bytes / 1e9:.2f} GB of weights read per step; {prompt_len}-token prompts, "
-          f"{steps} timed decode steps after a warm-up run at each batch size")  # fmt: skip
+          f"{steps} timed decode steps after a warm-up run at each batch size; CUDA graphs "
+          f"{'off' if args.eager or not cuda else 'on'}")  # fmt: skip
     print(f"# baseline: device-to-device copy {copy_gbps:.0f} GB/s"
           + (f" (datasheet {sheet:.0f} GB/s)" if sheet else "") + "\n")  # fmt: skip
     print("| batch | decode tok/s | ms per step |")
@@ -367,8 +376,8 @@ def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
     for b in batches:
         # NOTE: the warm-up passes a multiple of 16 in the sequence lengths, so every Triton
         # specialisation the timed steps need is compiled before them.
-        decode_run(model, kv, b, prompt_len, min(steps, 20), max_model_len)
-        seconds = decode_run(model, kv, b, prompt_len, steps, max_model_len)
+        decode_run(model, kv, b, prompt_len, min(steps, 20), max_model_len, not args.eager)
+        seconds = decode_run(model, kv, b, prompt_len, steps, max_model_len, not args.eager)
         rows.append(
             {"batch": b, "tok_s": b * steps / seconds, "ms_per_step": 1e3 * seconds / steps}
         )
@@ -410,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="8,32", help="HF padded batch sizes")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--only", choices=("cpu", "gpu"), help="run one section")
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="GPU section: no CUDA graphs (to measure what they bring)",
+    )
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--smoke", action="store_true",
                         help="4 prompts x 4 tokens, HF sequential 2, batch 2, tiny GPU-section "

@@ -64,6 +64,15 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
+class DecodeReplayer(Protocol):
+    """Replays captured decode steps (``helixflow.pool.cuda_graphs.DecodeGraphs``)."""
+
+    def run(
+        self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
+        block_tables: np.ndarray, seq_lens: np.ndarray,
+    ) -> torch.Tensor | None: ...  # fmt: skip
+
+
 @dataclass
 class TokenLogprob:
     """One generated token's log-probability and the most likely alternatives."""
@@ -150,6 +159,8 @@ class LLMEngine:
         self._requests: dict[str, list[_Request]] = {}  # request id -> its choices
         self._by_native: dict[int, _Request] = {}  # the choices the scheduler knows
         self._ids = itertools.count(1)
+        # CUDA graphs of the decode step (helixflow.pool.cuda_graphs), set by the runner on CUDA
+        self.graphs: DecodeReplayer | None = None
         self._entropy = random.SystemRandom()
 
     # ---- requests -------------------------------------------------------------------------
@@ -240,10 +251,12 @@ class LLMEngine:
             self._copy_blocks(sched.blocks_to_copy)
         num_tokens = self.builder.build(self.scheduler)
         num_seqs = sched.num_reqs
-        meta = self._metadata(num_tokens, num_seqs)
-        ids = torch.from_numpy(self.builder.input_ids[:num_tokens]).to(self.device)
-        pos = torch.from_numpy(self.builder.positions[:num_tokens]).to(self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hidden = self._replay_decode(num_tokens, num_seqs) if self.graphs is not None else None
+        if hidden is None:
+            meta = self._metadata(num_tokens, num_seqs)
+            ids = torch.from_numpy(self.builder.input_ids[:num_tokens]).to(self.device)
+            pos = torch.from_numpy(self.builder.positions[:num_tokens]).to(self.device)
+            hidden = self.model(ids, pos, self.kv_caches, meta)
         reqs = [self._by_native[rid] for rid in sched.req_ids.tolist()]
         # NOTE: a row whose prompt is still incomplete after this chunk samples nothing (the
         # scheduler ignores its token), so it gets no logits.
@@ -255,8 +268,9 @@ class LLMEngine:
         tokens = [0] * (num_seqs + len(forked))
         logprobs: dict[int, TokenLogprob] = {}
         if rows_to_sample:
-            last = meta.query_start_loc[1:].long() - 1
-            picked = last[torch.tensor(rows_to_sample, device=last.device)]
+            # each sequence's last token row, from the builder's host copy (no device read)
+            last = self.builder.query_start_loc[1 : num_seqs + 1].astype(np.int64) - 1
+            picked = torch.from_numpy(last[rows_to_sample]).to(self.device)
             logits = self.model.compute_logits(hidden[picked])  # [rows, vocab]
             drawn, lps = self._sample(logits, sampled_reqs)
             for slot, token in zip(rows + list(range(num_seqs, len(tokens))), drawn.tolist(),
@@ -267,6 +281,18 @@ class LLMEngine:
             }
         update = self.scheduler.update(tokens)
         return self._collect(update, logprobs)
+
+    def _replay_decode(self, num_tokens: int, num_seqs: int) -> torch.Tensor | None:
+        """The step's hidden states from a CUDA graph, or None (not decode-only, no bucket)."""
+        assert self.graphs is not None
+        if num_tokens != num_seqs:
+            return None
+        b = self.builder
+        used_blocks = -(-int(b.seq_lens[:num_seqs].max()) // self.block_size)
+        return self.graphs.run(
+            b.input_ids[:num_tokens], b.positions[:num_tokens], b.slot_mapping[:num_tokens],
+            b.block_tables[:num_seqs, :used_blocks], b.seq_lens[:num_seqs],
+        )  # fmt: skip
 
     def _fork_children(self, reqs: list[_Request], rows: list[int]) -> list[tuple[int, _Request]]:
         """Fork the waiting choices of every request whose prompt completes in this step.

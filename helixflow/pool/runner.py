@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from helixflow.errors import ConfigError
+from helixflow.pool.cuda_graphs import DecodeGraphs
 from helixflow.pool.llm_engine import LLMEngine
 from helixflow.pool.models.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
 from helixflow.pool.models.llama import LlamaForCausalLM
@@ -39,6 +40,7 @@ class EngineOptions:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # CUDA only: replay captured decode steps (see cuda_graphs.py)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,9 +112,18 @@ def build_engine(
              loaded.source.name, device, str(dtype).removeprefix("torch."),
              time.perf_counter() - start, num_blocks, opts.block_size,
              num_blocks * per_block / 2**20)  # fmt: skip
-    return LLMEngine(
+    engine = LLMEngine(
         model, loaded.tokenizer, kv_caches, eos_token_ids=sorted(eos),
         vocab_size=cfg.vocab_size, max_model_len=max_model_len,
         max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
         enable_prefix_caching=opts.enable_prefix_caching,
     )  # fmt: skip
+    if device.type == "cuda" and opts.cuda_graphs:
+        graphs = DecodeGraphs(
+            model, kv_caches, max_num_seqs=min(opts.max_num_seqs, opts.max_num_batched_tokens),
+            max_blocks_per_seq=engine.builder.block_tables.shape[1], max_model_len=max_model_len,
+        )  # fmt: skip
+        graphs.capture()
+        if graphs.enabled:
+            engine.graphs = graphs
+    return engine

@@ -85,7 +85,7 @@ class CpuAttentionPlan:
         ):
             if end - start == 1 and seq_len > 0:
                 self.decode_specs.append((seq, start, end, seq_len))
-            elif end > start:
+            elif end > start and seq_len > 0:  # (a padding row has length 0: zeros)
                 self.chunks.append((seq, start, end, seq_len))
         decode_seqs = [spec[0] for spec in self.decode_specs]
         self.num_seqs = len(seq_lens)
