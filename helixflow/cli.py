@@ -3,8 +3,9 @@
 Subcommands:
     info    what is installed: versions, the native core's build, optional GPU stack
     pull    download a known model into the local cache (or check a local path)
+    pool    run the inference pool's gRPC service (models loaded, pulled on first use)
 
-``helixflow serve`` and the per-service commands arrive with later issues.
+``helixflow serve`` and the other services arrive with later issues.
 """
 
 from __future__ import annotations
@@ -75,6 +76,61 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``helixflow pool`` flags (argparse)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, help="gRPC port (default: $PORT or 50051)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME|PATH",
+        help="chat model to serve (repeatable; default SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--embedding-model",
+        action="append",
+        dest="embedding_models",
+        metavar="NAME|PATH",
+        help="embedding model (repeatable; default all-MiniLM-L6-v2; 'none')",
+    )
+    parser.add_argument("--max-model-len", type=int, help="context length cap")
+    parser.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: from memory)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="running sequences cap")
+    parser.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        help="queued requests before RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM",
+    )
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
+
+
+def _cmd_pool(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import os
+
+    from helixflow.errors import HelixFlowError
+    from helixflow.pool.service import options_from_args, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        opts = options_from_args(args, os.environ.get("PORT"))
+        # NOTE: the default asyncio loop: grpc.aio does not support uvloop.
+        return asyncio.run(serve(opts))
+    except (HelixFlowError, OSError) as exc:
+        message = exc.message if isinstance(exc, HelixFlowError) else str(exc)
+        print(f"helixflow pool: error: {message}", file=sys.stderr)
+        return 1
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="helixflow",
@@ -97,6 +153,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("--quiet", action="store_true", help="print only the final path")
     pull.set_defaults(handler=_cmd_pull)
+    pool = commands.add_parser(
+        "pool",
+        help="run the inference pool (gRPC, default 127.0.0.1:50051)",
+        description="Serve chat and embedding models over gRPC (protos/inference.proto) with "
+        "grpc.health.v1 health. SIGTERM drains: in-flight requests finish, then exit 0.",
+    )
+    _add_pool_arguments(pool)
+    pool.set_defaults(handler=_cmd_pool)
     return parser
 
 

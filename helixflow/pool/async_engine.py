@@ -15,13 +15,30 @@ import contextlib
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from helixflow.errors import EngineDeadError, HelixFlowError, OverloadedError
 from helixflow.pool.llm_engine import LLMEngine, RequestOutput
 from helixflow.pool.sampling_params import SamplingParams
 
 log = logging.getLogger("helixflow.pool.engine")
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """A snapshot the engine thread publishes after every step (safe to read from any thread)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+    kv_cache_free_blocks: int = 0
+    tokens_per_second: float = 0.0  # over the last THROUGHPUT_WINDOW seconds
+
+
+THROUGHPUT_WINDOW = 5.0
 
 
 class _Stream:
@@ -42,6 +59,10 @@ class AsyncLLMEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self.load = self._snapshot()
+        # monotonic time the engine thread last finished a step or found nothing to do
+        self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="helixflow-engine", daemon=True)
         self._thread.start()
 
@@ -123,15 +144,36 @@ class AsyncLLMEngine:
             except HelixFlowError as err:
                 self._deliver(request_id, err)
 
+    def _snapshot(self) -> EngineLoad:
+        """Read on the engine thread, between steps: the native objects are not thread-safe."""
+        sched = self.engine.scheduler
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW:
+            self._recent.popleft()
+        tokens = sum(n for _, n in self._recent)
+        return EngineLoad(
+            waiting=sched.num_waiting,
+            running=sched.num_running,
+            kv_cache_usage=sched.allocator.usage,
+            kv_cache_free_blocks=sched.allocator.num_free_blocks,
+            tokens_per_second=tokens / THROUGHPUT_WINDOW,
+        )
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self._drain_commands()
                 if not self.engine.has_unfinished():
+                    self.load = self._snapshot()
+                    self.last_progress = time.monotonic()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                self._recent.append((time.monotonic(), len(outputs)))
+                self.load = self._snapshot()
+                self.last_progress = time.monotonic()
+                for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # NOTE: any failure must reach every client
             log.exception("engine step failed; the engine stops serving")
