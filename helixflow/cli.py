@@ -109,6 +109,10 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds in-flight requests get to finish on SIGTERM",
     )
+    parser.add_argument("--stall-timeout", type=float, default=10.0,
+                        help="health turns NOT_SERVING when an engine with work finishes no "
+                        "step for this many seconds")  # fmt: skip
+    parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
 
 

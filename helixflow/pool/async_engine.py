@@ -110,6 +110,13 @@ class AsyncLLMEngine:
             if not finished:
                 self._submit("abort", request_id)
 
+    def inject_fault(self, kind: str, seconds: float = 0.0) -> None:
+        """Testing aid: make the engine thread hang for ``seconds`` ("stall") or die ("fail")
+        at its next drain, as a wedged or broken model would."""
+        if kind not in ("stall", "fail"):
+            raise ValueError(f"kind must be 'stall' or 'fail', got {kind!r}")
+        self._submit(kind, seconds)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the stepping thread (in-flight streams get ``EngineDeadError``)."""
         self._stop.set()
@@ -137,6 +144,11 @@ class AsyncLLMEngine:
             if command == "abort":
                 self.engine.abort(str(args[0]))
                 continue
+            if command == "stall":  # fault injection: a step that hangs
+                time.sleep(float(args[0]))  # type: ignore[arg-type]
+                continue
+            if command == "fail":  # fault injection: a step that raises
+                raise RuntimeError("injected engine failure")
             request_id, prompt, params = args
             assert isinstance(request_id, str) and isinstance(params, SamplingParams)
             try:

@@ -66,6 +66,8 @@ class PoolOptions:
     max_waiting_prompt_tokens: int = 262_144
     shutdown_timeout: float = 30.0
     stall_timeout: float = 10.0
+    # testing aid: SIGUSR1 stalls every engine for FAULT_STALL_SECONDS, SIGUSR2 kills them
+    fault_injection: bool = False
 
 
 @dataclass
@@ -335,6 +337,10 @@ async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if opts.fault_injection:
+        log.warning("fault injection is on: SIGUSR1 stalls the engines, SIGUSR2 kills them")
+        for sig, kind in ((signal.SIGUSR1, "stall"), (signal.SIGUSR2, "fail")):
+            loop.add_signal_handler(sig, _inject, chats, kind)
 
     async def watch_health() -> None:
         last: bool | None = None
@@ -370,6 +376,15 @@ async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int
     return 0
 
 
+FAULT_STALL_SECONDS = 5.0
+
+
+def _inject(chats: dict[str, ChatModel], kind: str) -> None:
+    log.warning("injecting an engine %s", kind)
+    for c in chats.values():
+        c.front.inject_fault(kind, FAULT_STALL_SECONDS)
+
+
 def options_from_args(args: Any, env_port: str | None) -> PoolOptions:
     embeds: Sequence[str] = args.embedding_models or ("all-MiniLM-L6-v2",)
     return PoolOptions(
@@ -381,4 +396,6 @@ def options_from_args(args: Any, env_port: str | None) -> PoolOptions:
                              num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs),
         max_waiting_requests=args.max_waiting_requests,
         shutdown_timeout=args.shutdown_timeout,
+        stall_timeout=args.stall_timeout,
+        fault_injection=args.fault_injection,
     )  # fmt: skip

@@ -221,3 +221,37 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits_0(
         assert p.proc.wait(30) == 0
     finally:
         p.close()
+
+
+def test_health_follows_a_stalled_and_a_dead_engine(model_home: Path, tmp_path: Path) -> None:
+    """Fault injection (a hidden flag): SIGUSR1 hangs the engine loop for 5 s, SIGUSR2 kills
+    it. Health must turn NOT_SERVING within seconds of either, and back after the stall."""
+    p = Pool(model_home, tmp_path, "--embedding-model", "none", "--stall-timeout", "1",
+             "--fault-injection")  # fmt: skip
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+
+    def wait_for(status: int, within: float) -> float:
+        start = time.monotonic()
+        while p.status() != status:
+            assert time.monotonic() - start < within, f"health did not become {status}"
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    try:
+        assert p.status() == serving
+        with ThreadPoolExecutor(1) as ex:
+            stream = ex.submit(run, p.stub, chat_request("Tell me a story.", 60, ignore_eos=True))
+            while p.stub.Load(pb.LoadRequest()).models[0].running < 1:
+                time.sleep(0.02)
+            p.proc.send_signal(signal.SIGUSR1)
+            assert wait_for(not_serving, within=3.0) < 3.0
+            wait_for(serving, within=10.0)  # the stall ends, the engine steps again
+            assert len(stream.result(timeout=60)[1]) == 60
+        p.proc.send_signal(signal.SIGUSR2)
+        wait_for(not_serving, within=3.0)
+        with pytest.raises(grpc.RpcError) as err:
+            list(p.stub.Generate(chat_request("hi"), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        p.close()
