@@ -113,6 +113,14 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                         help="health turns NOT_SERVING when an engine with work finishes no "
                         "step for this many seconds")  # fmt: skip
     parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate "
+                        "chain (default: $TLS_CERT; plaintext without one)")  # fmt: skip
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key (default: $TLS_KEY)")
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mTLS)",
+    )
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
 
 
@@ -126,7 +134,7 @@ def _cmd_pool(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        opts = options_from_args(args, os.environ.get("PORT"))
+        opts = options_from_args(args, os.environ)
         # NOTE: the default asyncio loop: grpc.aio does not support uvloop.
         return asyncio.run(serve(opts))
     except (HelixFlowError, OSError) as exc:

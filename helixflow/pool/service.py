@@ -24,8 +24,9 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -33,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helixflow._proto import inference_pb2 as pb
 from helixflow._proto import inference_pb2_grpc as pb_grpc
-from helixflow.errors import HelixFlowError, InvalidRequestError
+from helixflow.errors import ConfigError, HelixFlowError, InvalidRequestError
 from helixflow.pool.async_engine import AsyncLLMEngine
 from helixflow.pool.embedder import Embedder, build_embedder
 from helixflow.pool.llm_engine import RequestOutput
@@ -68,6 +69,11 @@ class PoolOptions:
     stall_timeout: float = 10.0
     # testing aid: SIGUSR1 stalls every engine for FAULT_STALL_SECONDS, SIGUSR2 kills them
     fault_injection: bool = False
+    # TLS: certificate chain and key (PEM); with a client CA, clients must present a
+    # certificate it signed (mTLS). Plaintext when no certificate is given.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
 
 @dataclass
@@ -321,8 +327,34 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
         return True
 
 
+def server_credentials(opts: PoolOptions) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files of ``opts`` (None: plaintext); ConfigError if the
+    files are missing, unreadable or only half given."""
+    if opts.tls_cert is None and opts.tls_key is None:
+        if opts.tls_client_ca is not None:
+            raise ConfigError("tls_client_ca: needs tls_cert and tls_key (mTLS is TLS first)")
+        return None
+    if opts.tls_cert is None or opts.tls_key is None:
+        raise ConfigError("tls_cert and tls_key: give both or neither")
+
+    def read(option: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{option}: cannot read {path} ({exc.strerror})") from None
+
+    pair = (read("tls_key", opts.tls_key), read("tls_cert", opts.tls_cert))
+    if opts.tls_client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=read("tls_client_ca", opts.tls_client_ca),
+        require_client_auth=True,
+    )  # fmt: skip
+
+
 async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int:
     """Load the models, serve until SIGTERM/SIGINT, drain, and return the exit code (0)."""
+    credentials = server_credentials(opts)  # bad TLS files fail before any model loads
     chats, embeds = await asyncio.to_thread(load_models, opts)
     servicer = PoolServicer(chats, embeds, opts)
     server = grpc.aio.server()
@@ -330,8 +362,17 @@ async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{opts.host}:{opts.port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address}")
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc raises for an address in use
+        bound = 0
+    if bound == 0:
+        for c in chats.values():
+            c.front.shutdown()
+        raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -385,11 +426,18 @@ def _inject(chats: dict[str, ChatModel], kind: str) -> None:
         c.front.inject_fault(kind, FAULT_STALL_SECONDS)
 
 
-def options_from_args(args: Any, env_port: str | None) -> PoolOptions:
+def options_from_args(args: Any, env: Mapping[str, str]) -> PoolOptions:
+    """PoolOptions from ``helixflow pool`` flags, falling back on PORT, TLS_CERT, TLS_KEY."""
     embeds: Sequence[str] = args.embedding_models or ("all-MiniLM-L6-v2",)
+    port = args.port
+    if port is None:
+        try:
+            port = int(env.get("PORT") or 50051)
+        except ValueError:
+            raise ConfigError(f"PORT: must be a port number, got {env['PORT']!r}") from None
     return PoolOptions(
         host=args.host,
-        port=args.port or int(env_port or 50051),
+        port=port,
         chat_models=tuple(args.models or ("SmolLM2-135M-Instruct",)),
         embedding_models=tuple(e for e in embeds if e != "none"),
         engine=EngineOptions(device=args.device, max_model_len=args.max_model_len,
@@ -398,4 +446,7 @@ def options_from_args(args: Any, env_port: str | None) -> PoolOptions:
         shutdown_timeout=args.shutdown_timeout,
         stall_timeout=args.stall_timeout,
         fault_injection=args.fault_injection,
+        tls_cert=args.tls_cert or env.get("TLS_CERT") or None,
+        tls_key=args.tls_key or env.get("TLS_KEY") or None,
+        tls_client_ca=args.tls_client_ca,
     )  # fmt: skip

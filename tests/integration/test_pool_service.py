@@ -43,7 +43,9 @@ def free_port() -> int:
 class Pool:
     """A ``helixflow pool`` process and a channel to it."""
 
-    def __init__(self, home: Path, log_dir: Path, *args: str) -> None:
+    def __init__(
+        self, home: Path, log_dir: Path, *args: str, secure: dict[str, Path] | None = None
+    ) -> None:
         self.port = free_port()
         env = {**os.environ, "HELIXFLOW_HOME": str(home), "PORT": str(self.port)}
         self.log = log_dir / f"pool-{self.port}.log"
@@ -53,7 +55,15 @@ class Pool:
              "--num-blocks", "512", *args],
             env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        if secure is None:
+            self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=secure["ca"].read_bytes(),
+                private_key=secure["client_key"].read_bytes(),
+                certificate_chain=secure["client"].read_bytes(),
+            )
+            self.channel = grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
         self.stub = pb_grpc.InferencePoolStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + 120
@@ -255,3 +265,41 @@ def test_health_follows_a_stalled_and_a_dead_engine(model_home: Path, tmp_path: 
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         p.close()
+
+
+def test_mtls_accepts_only_clients_with_a_certificate_from_the_ca(
+    model_home: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("cryptography")
+    from tls_testing import make_pki
+
+    pki = make_pki(tmp_path)
+    p = Pool(model_home, tmp_path, "--embedding-model", "none", "--tls-cert", str(pki["server"]),
+             "--tls-key", str(pki["server_key"]), "--tls-client-ca", str(pki["ca"]),
+             secure=pki)  # fmt: skip
+    try:
+        text, _ = run(p.stub, chat_request(QUESTIONS[0], 24))
+        assert "Paris" in text
+        address = f"127.0.0.1:{p.port}"
+        no_cert = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+        for channel in (grpc.secure_channel(address, no_cert), grpc.insecure_channel(address)):
+            with channel, pytest.raises(grpc.RpcError) as err:
+                pb_grpc.InferencePoolStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        p.close()
+
+
+def test_bad_tls_files_and_port_fail_with_a_clear_message(tmp_path: Path) -> None:
+    for args, env, message in [
+        (["--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "none.key")], {},
+         "tls_key: cannot read"),
+        (["--tls-cert", str(tmp_path / "none.pem")], {}, "give both or neither"),
+        ([], {"PORT": "http"}, "PORT: must be a port number"),
+    ]:  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "helixflow", "pool", "--embedding-model", "none", *args],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
