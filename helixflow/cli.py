@@ -113,6 +113,12 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                         help="health turns NOT_SERVING when an engine with work finishes no "
                         "step for this many seconds")  # fmt: skip
     parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="Prometheus metrics over HTTP (default: gRPC port + 1; 0: off)",
+    )
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate "
                         "chain (default: $TLS_CERT; plaintext without one)")  # fmt: skip
     parser.add_argument("--tls-key", metavar="PEM", help="its private key (default: $TLS_KEY)")

@@ -36,6 +36,8 @@ class EngineLoad:
     kv_cache_usage: float = 0.0
     kv_cache_free_blocks: int = 0
     tokens_per_second: float = 0.0  # over the last THROUGHPUT_WINDOW seconds
+    num_preemptions: int = 0  # since the engine started
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / looked up
 
 
 THROUGHPUT_WINDOW = 5.0
@@ -163,7 +165,11 @@ class AsyncLLMEngine:
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW:
             self._recent.popleft()
         tokens = sum(n for _, n in self._recent)
+        sched_stats = sched.stats()
+        alloc_stats = sched.allocator.stats()
         return EngineLoad(
+            num_preemptions=int(sched_stats["num_preemptions"]),
+            prefix_cache_hit_rate=alloc_stats["prefix_hit_rate"],
             waiting=sched.num_waiting,
             running=sched.num_running,
             kv_cache_usage=sched.allocator.usage,

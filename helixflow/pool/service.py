@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
 
 from helixflow._proto import inference_pb2 as pb
 from helixflow._proto import inference_pb2_grpc as pb_grpc
@@ -38,6 +39,7 @@ from helixflow.errors import ConfigError, HelixFlowError, InvalidRequestError
 from helixflow.pool.async_engine import AsyncLLMEngine
 from helixflow.pool.embedder import Embedder, build_embedder
 from helixflow.pool.llm_engine import RequestOutput
+from helixflow.pool.metrics import PoolMetrics
 from helixflow.pool.models.loader import load_model_files
 from helixflow.pool.models.tokenizer import Tokenizer
 from helixflow.pool.runner import EngineOptions, build_engine
@@ -74,6 +76,7 @@ class PoolOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    metrics_port: int | None = None  # Prometheus over HTTP; None: port + 1, 0: off
 
 
 @dataclass
@@ -141,12 +144,16 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
         self.chats = chats
         self.embeds = embeds
         self.opts = opts
+        self.metrics = PoolMetrics(lambda: {m: c.front.load for m, c in chats.items()})
         self.draining = False
         self.in_flight = 0
 
     # ---- helpers ----------------------------------------------------------------------------
-    async def _fail(self, context: grpc.aio.ServicerContext, err: HelixFlowError) -> NoReturn:
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, err: HelixFlowError, model: str, rpc: str
+    ) -> NoReturn:
         code = _STATUS_CODES.get(err.status, grpc.StatusCode.INTERNAL)
+        self.metrics.requests.labels(model, rpc, code.name.lower()).inc()
         await context.abort(code, err.message)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
@@ -191,7 +198,7 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
             params = _params(request.params)
             prompt = self._prompt(chat, request)
         except HelixFlowError as err:
-            await self._fail(context, err)
+            await self._fail(context, err, chat.model_id, "Generate")
         if chat.waiting_tokens + len(prompt) > opts.max_waiting_prompt_tokens and chat.waiting:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "too many prompt tokens are waiting; retry later")  # fmt: skip
@@ -199,27 +206,41 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
         chat.waiting += 1
         chat.waiting_tokens += len(prompt)
         self.in_flight += 1
-        started = time.monotonic()
+        m, model = self.metrics, chat.model_id
+        started = last = time.monotonic()
         first = True
         completion_tokens: dict[int, int] = {}
+        outcome = "cancelled"
         try:
             async for out in chat.front.generate(request_id, prompt, params):
+                now = time.monotonic()
                 if first:
                     first = False
                     chat.waiting -= 1
                     chat.waiting_tokens -= len(prompt)
+                    m.ttft.labels(model).observe(now - started)
+                    m.prompt_tokens.labels(model).inc(len(prompt))
+                else:
+                    m.itl.labels(model).observe(now - last)
+                last = now
+                m.generation_tokens.labels(model).inc(len(out.new_token_ids))
                 completion_tokens[out.index] = out.num_output_tokens
                 yield self._response(chat, out, completion_tokens)
+            outcome = "ok"
             log.info("request %s: %d prompt + %d completion tokens in %.2fs", request_id,
                      len(prompt), sum(completion_tokens.values()),
                      time.monotonic() - started)  # fmt: skip
         except HelixFlowError as err:
-            await self._fail(context, err)
+            outcome = "error"
+            await self._fail(context, err, model, "Generate")
         finally:
             if first:
                 chat.waiting -= 1
                 chat.waiting_tokens -= len(prompt)
             self.in_flight -= 1
+            if outcome != "error":  # (_fail counted it under its status code)
+                m.requests.labels(model, "Generate", outcome).inc()
+            m.latency.labels(model, "Generate").observe(time.monotonic() - started)
 
     def _response(
         self, chat: ChatModel, out: RequestOutput, completion: dict[int, int]
@@ -257,11 +278,15 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
         inputs: list[str | list[int]] = list(request.texts) or [
             list(t.ids) for t in request.token_ids
         ]
+        started = time.monotonic()
         try:
             result = await asyncio.to_thread(model.embedder.embed, inputs,
                                              truncate=request.truncate)  # fmt: skip
         except HelixFlowError as err:
-            await self._fail(context, err)
+            await self._fail(context, err, model.model_id, "Embed")
+        self.metrics.requests.labels(model.model_id, "Embed", "ok").inc()
+        self.metrics.prompt_tokens.labels(model.model_id).inc(result.num_prompt_tokens)
+        self.metrics.latency.labels(model.model_id, "Embed").observe(time.monotonic() - started)
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=row) for row in result.embeddings.tolist()],
             usage=pb.Usage(prompt_tokens=result.num_prompt_tokens),
@@ -374,6 +399,17 @@ async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int
             c.front.shutdown()
         raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
     await server.start()
+    metrics_port = opts.port + 1 if opts.metrics_port is None else opts.metrics_port
+    if metrics_port:
+        try:
+            start_http_server(metrics_port, addr=opts.host, registry=servicer.metrics.registry)
+        except OSError as exc:
+            await server.stop(None)
+            for c in chats.values():
+                c.front.shutdown()
+            raise OSError(f"metrics: cannot listen on {opts.host}:{metrics_port} "
+                          f"({exc.strerror})") from None  # fmt: skip
+        log.info("Prometheus metrics on http://%s:%d/metrics", opts.host, metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -449,4 +485,5 @@ def options_from_args(args: Any, env: Mapping[str, str]) -> PoolOptions:
         tls_cert=args.tls_cert or env.get("TLS_CERT") or None,
         tls_key=args.tls_key or env.get("TLS_KEY") or None,
         tls_client_ca=args.tls_client_ca,
+        metrics_port=args.metrics_port,
     )  # fmt: skip

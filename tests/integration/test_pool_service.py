@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,12 +48,13 @@ class Pool:
         self, home: Path, log_dir: Path, *args: str, secure: dict[str, Path] | None = None
     ) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         env = {**os.environ, "HELIXFLOW_HOME": str(home), "PORT": str(self.port)}
         self.log = log_dir / f"pool-{self.port}.log"
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "helixflow", "pool", "--max-model-len", "1024",
-             "--num-blocks", "512", *args],
+             "--num-blocks", "512", "--metrics-port", str(self.metrics_port), *args],
             env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
         if secure is None:
@@ -303,3 +305,25 @@ def test_bad_tls_files_and_port_fail_with_a_clear_message(tmp_path: Path) -> Non
         )  # fmt: skip
         assert done.returncode == 1, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_prometheus_metrics_count_what_was_served(pool: Pool) -> None:
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{pool.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            lines = reply.read().decode().splitlines()
+        return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in lines if ln[:1] != "#")}
+
+    label = f'{{model="{MODEL}"}}'
+    before = scrape()
+    _, ids = run(pool.stub, chat_request(QUESTIONS[2], 10))
+    after = scrape()
+    generated = f"helixflow_pool_generation_tokens_total{label}"
+    assert after[generated] - before.get(generated, 0) == len(ids)
+    ok = f'helixflow_pool_requests_total{{model="{MODEL}",outcome="ok",rpc="Generate"}}'
+    assert after[ok] - before.get(ok, 0) == 1
+    ttft = f"helixflow_pool_time_to_first_token_seconds_count{label}"
+    assert after[ttft] - before.get(ttft, 0) == 1
+    assert after[f"helixflow_pool_kv_cache_usage{label}"] >= 0
+    assert f"helixflow_pool_requests_running{label}" in after
+    assert f"helixflow_pool_prefix_cache_hit_rate{label}" in after
