@@ -227,13 +227,16 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
                 completion_tokens[out.index] = out.num_output_tokens
                 yield self._response(chat, out, completion_tokens)
             outcome = "ok"
-            log.info("request %s: %d prompt + %d completion tokens in %.2fs", request_id,
-                     len(prompt), sum(completion_tokens.values()),
-                     time.monotonic() - started)  # fmt: skip
+            log.info("generated %d prompt + %d completion tokens in %.2fs", len(prompt),
+                     sum(completion_tokens.values()), time.monotonic() - started,
+                     extra={"request_id": request_id})  # fmt: skip
         except HelixFlowError as err:
             outcome = "error"
+            log.warning("failed: %s", err.message, extra={"request_id": request_id})
             await self._fail(context, err, model, "Generate")
         finally:
+            if outcome == "cancelled":
+                log.info("cancelled by the client", extra={"request_id": request_id})
             if first:
                 chat.waiting -= 1
                 chat.waiting_tokens -= len(prompt)
