@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helixflow.pool.models.config import ModelConfig
+from helixflow.pool.models.weights import check_complete, copy_weight
 
 __all__ = ["POOLING_MODES", "BertModel"]
 
@@ -23,7 +24,6 @@ POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
 # the token states instead), and the position-id buffer old checkpoints saved.
 _IGNORED_PREFIXES = ("pooler.", "cls.")
 _IGNORED_NAMES = ("embeddings.position_ids",)
-_MAX_LISTED = 20
 
 
 def _weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -217,21 +217,9 @@ class BertModel(nn.Module):
                 if not (name.startswith(_IGNORED_PREFIXES) or name in _IGNORED_NAMES):
                     unexpected.append(raw_name)
                 continue
-            if tuple(tensor.shape) != tuple(dest.shape):
-                raise ValueError(
-                    f"weight {raw_name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
+            copy_weight(dest, tensor, raw_name)
             loaded.add(name)
-        missing = slots.keys() - loaded
-        if missing or unexpected:
-            problems = []
-            if missing:
-                problems.append(f"missing {len(missing)}: {_listed(missing)}")
-            if unexpected:
-                problems.append(f"unexpected {len(unexpected)}: {_listed(unexpected)}")
-            raise ValueError("BERT weights do not match the config: " + "; ".join(problems))
+        check_complete("BERT", slots.keys(), loaded, unexpected)
 
 
 def _canonical(name: str) -> str:
@@ -239,9 +227,3 @@ def _canonical(name: str) -> str:
     if ".LayerNorm." in name:
         name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
     return name
-
-
-def _listed(names: Iterable[str]) -> str:
-    names = sorted(names)
-    more = len(names) - _MAX_LISTED
-    return ", ".join(names[:_MAX_LISTED]) + (f" ... and {more} more" if more > 0 else "")

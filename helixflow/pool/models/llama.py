@@ -22,25 +22,18 @@ from torch import nn
 from helixflow import _native
 from helixflow import kernels as K
 from helixflow.pool.models.config import AttentionMetadata, ModelConfig
+from helixflow.pool.models.weights import check_complete, copy_weight
 
 __all__ = ["LlamaForCausalLM"]
 
 # NOTE: Hugging Face checkpoints written by old transformers versions carry the rotary
 # frequencies as buffers; they are derived from the config here.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_MAX_LISTED = 20
 
 
 def _weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     """An uninitialised, frozen parameter (``load_weights`` fills it)."""
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
-def _listed(names: Iterable[str]) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:_MAX_LISTED])
-    more = len(names) - _MAX_LISTED
-    return shown + (f" ... and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -398,17 +391,6 @@ class LlamaForCausalLM(nn.Module):
                 if not name.endswith(_IGNORED_SUFFIXES):
                     unexpected.append(name)
                 continue
-            if tuple(tensor.shape) != tuple(dest.shape):
-                raise ValueError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
+            copy_weight(dest, tensor, name)
             loaded.add(name)
-        missing = slots.keys() - loaded
-        if missing or unexpected:
-            problems = []
-            if missing:
-                problems.append(f"missing {len(missing)}: {_listed(missing)}")
-            if unexpected:
-                problems.append(f"unexpected {len(unexpected)}: {_listed(unexpected)}")
-            raise ValueError("Llama weights do not match the config: " + "; ".join(problems))
+        check_complete("Llama", slots.keys(), loaded, unexpected)
