@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -43,10 +44,53 @@ class EngineLoad:
 THROUGHPUT_WINDOW = 5.0
 
 
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one choice as one (tokens, text and logprobs joined; the
+    later one's state and counts)."""
+    return dataclasses.replace(
+        then,
+        new_token_ids=first.new_token_ids + then.new_token_ids,
+        new_text=first.new_text + then.new_text,
+        logprobs=first.logprobs + then.logprobs,
+    )
+
+
+def _coalesced(
+    items: list[RequestOutput | BaseException],
+) -> list[RequestOutput | BaseException]:
+    """Consecutive outputs of the same choice merged; errors kept in place."""
+    out: list[RequestOutput | BaseException] = []
+    for item in items:
+        last = out[-1] if out else None
+        if (isinstance(item, RequestOutput) and isinstance(last, RequestOutput)
+                and last.index == item.index and not last.finished):  # fmt: skip
+            out[-1] = merge_outputs(last, item)
+        else:
+            out.append(item)
+    return out
+
+
 class _Stream:
+    """What the engine thread handed over for one request and its reader has not taken yet."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.items: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.pending: deque[RequestOutput | BaseException] = deque()
+        self.ready = asyncio.Event()
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        """On the event loop (``call_soon_threadsafe``): never blocks the engine."""
+        self.pending.append(item)
+        self.ready.set()
+
+    async def take(self) -> list[RequestOutput | BaseException]:
+        """Everything pending, at least one item (waits for it)."""
+        while not self.pending:
+            self.ready.clear()
+            await self.ready.wait()
+        items = list(self.pending)
+        self.pending.clear()
+        return items
 
 
 class AsyncLLMEngine:
@@ -99,13 +143,15 @@ class AsyncLLMEngine:
         finished = False
         try:
             while True:
-                item = await stream.items.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.request_finished
-                yield item
-                if finished:
-                    return
+                # NOTE: a reader that fell behind gets what piled up for one choice as ONE
+                # output, so a slow client costs one message per read, not one per token.
+                for item in _coalesced(await stream.take()):
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished = item.request_finished
+                    yield item
+                    if finished:
+                        return
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
@@ -135,7 +181,7 @@ class AsyncLLMEngine:
             stream = self._streams.get(request_id)
         if stream is not None:
             with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody listens
-                stream.loop.call_soon_threadsafe(stream.items.put_nowait, item)
+                stream.loop.call_soon_threadsafe(stream.push, item)
 
     def _drain_commands(self) -> None:
         while True:

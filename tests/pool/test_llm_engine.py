@@ -200,6 +200,14 @@ def test_async_streams_and_cancellation(engine: LLMEngine) -> None:
             break
         await stream.aclose()
 
+    async def read(rid: str, delay: float) -> list[Any]:
+        got = []
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        async for out in front.generate(rid, chat(engine, QUESTIONS[1]), params):
+            got.append(out)
+            await asyncio.sleep(delay if len(got) == 1 else 0)  # falls behind once
+        return got
+
     async def main() -> tuple[list[Any], list[Any]]:
         a, b, _ = await asyncio.gather(
             collect("a", QUESTIONS[0], 24), collect("b", QUESTIONS[4], 6), cancel_early()
@@ -207,6 +215,9 @@ def test_async_streams_and_cancellation(engine: LLMEngine) -> None:
         return a, b
 
     try:
+        slow = asyncio.run(read("slow", 0.5))
+        assert len(token_ids(slow)) == 16 and len(slow) < 16  # what piled up came merged
+        assert token_ids(slow) == token_ids(asyncio.run(read("fast", 0.0)))
         a, b = asyncio.run(main())
         assert "Paris" in text(a) and a[-1].finished
         assert b[-1].finished and len(token_ids(b)) <= 6
