@@ -154,7 +154,10 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
     ) -> NoReturn:
         code = _STATUS_CODES.get(err.status, grpc.StatusCode.INTERNAL)
         self.metrics.requests.labels(model, rpc, code.name.lower()).inc()
-        await context.abort(code, err.message)
+        message = err.message
+        if err.param and not message.startswith("'"):
+            message = f"'{err.param}': {message}"  # every INVALID_ARGUMENT names its field
+        await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     async def _chat(self, model: str, context: grpc.aio.ServicerContext) -> ChatModel:

@@ -156,7 +156,9 @@ def test_errors_carry_status_codes_and_name_the_field(pool: Pool) -> None:
         (chat_request("hi", n=99), grpc.StatusCode.INVALID_ARGUMENT, "'n'"),
         (pb.GenerateRequest(model=MODEL), grpc.StatusCode.INVALID_ARGUMENT, "'chat'"),
         (pb.GenerateRequest(model=MODEL, prompt_token_ids=pb.TokenIds(ids=[1] * 2000)),
-         grpc.StatusCode.INVALID_ARGUMENT, "context"),
+         grpc.StatusCode.INVALID_ARGUMENT, "'messages': the prompt has 2000 tokens"),
+        (pb.GenerateRequest(model=MODEL, prompt_token_ids=pb.TokenIds(ids=[10**9])),
+         grpc.StatusCode.INVALID_ARGUMENT, "'prompt': "),
         (pb.GenerateRequest(model="gpt-9", prompt="hi"), grpc.StatusCode.NOT_FOUND, "gpt-9"),
     ]  # fmt: skip
     for request, code, words in cases:
