@@ -115,7 +115,7 @@ def load_models(opts: PoolOptions) -> tuple[dict[str, ChatModel], dict[str, Embe
         )
     embeds: dict[str, EmbeddingModel] = {}
     for name in opts.embedding_models:
-        embedder = build_embedder(name)
+        embedder = build_embedder(name, device=opts.engine.device)
         embeds[_model_id(name)] = EmbeddingModel(_model_id(name), embedder, embedder.max_model_len)
     return chats, embeds
 
