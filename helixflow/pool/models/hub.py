@@ -222,12 +222,8 @@ def _verify_cached(model: KnownModel, root: Path) -> None:
         )
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], *, pull_if_missing: bool = True) -> Path:
-    """The local path of a model: a ``.gguf`` file or a Hugging Face model directory.
-
-    A path is used as is. A known name is looked up in the cache (its files verified against the
-    pinned hashes) and, with `pull_if_missing`, pulled on first use.
-    """
+def _local_or_known(name_or_path: str | os.PathLike[str]) -> Path | KnownModel:
+    """An existing local model path as is, else the known model of that name (or an error)."""
     local = _local_path(name_or_path)
     if local is not None:
         return local
@@ -235,6 +231,18 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, pull_if_missing: bool
     model = _known(name)
     if model is None:
         raise _unknown_name(name)
+    return model
+
+
+def resolve_model(name_or_path: str | os.PathLike[str], *, pull_if_missing: bool = True) -> Path:
+    """The local path of a model: a ``.gguf`` file or a Hugging Face model directory.
+
+    A path is used as is. A known name is looked up in the cache (its files verified against the
+    pinned hashes) and, with `pull_if_missing`, pulled on first use.
+    """
+    model = _local_or_known(name_or_path)
+    if isinstance(model, Path):
+        return model
     root = models_dir() / model.name
     if root.is_dir():
         _verify_cached(model, root)
@@ -254,13 +262,9 @@ def pull(name_or_path: str | os.PathLike[str], *, force: bool = False, quiet: bo
     (the way to repair a corrupt one). `quiet` prints nothing; otherwise a one-line message and,
     on a terminal, a progress bar go to stderr.
     """
-    local = _local_path(name_or_path)
-    if local is not None:
-        return local
-    name = os.fspath(name_or_path)
-    model = _known(name)
-    if model is None:
-        raise _unknown_name(name)
+    model = _local_or_known(name_or_path)
+    if isinstance(model, Path):
+        return model
     cache = models_dir()
     root = cache / model.name
     if root.is_dir() and not force:
