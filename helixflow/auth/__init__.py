@@ -1,0 +1,1 @@
+"""The auth service: signing keys, access tokens and (later) users, API keys and revocation."""
