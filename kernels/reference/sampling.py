@@ -215,25 +215,38 @@ def sample(
     this draw; ``top_k`` ``[B]`` int32/int64, ``top_p`` and ``min_p`` ``[B]`` fp32, or None to
     disable that filter on every row. NaN logits give an unspecified token.
     """
-    check_sample_args(logits, temperature, seeds, top_k, top_p, min_p)
-    vocab = logits.shape[1]
-    raw = logits.float()  # [B, V]; exact for fp16/bf16
-    tokens = raw.argmax(dim=-1)  # greedy rows: lowest index on ties
-    # NOTE: the reference syncs with the device here and below (it makes its noise on the
-    # host), so it may as well skip the greedy rows: noise for 128k-token rows is not free.
-    rows = (temperature > 0).nonzero().flatten()
+    tokens, rows, scaled, threshold = _split_rows(logits, temperature, seeds, top_k, top_p, min_p)
     if rows.numel() == 0:
         return tokens
-    scaled = raw[rows] * inverse_temperature(temperature[rows])[:, None]
-    threshold = sampling_thresholds(scaled, *(_pick(f, rows) for f in (top_k, top_p, min_p)))
+    vocab = logits.shape[1]
     noise = torch.from_numpy(gumbel_noise(seeds[rows].cpu().numpy(), vocab)).to(logits.device)
     perturbed = torch.where(scaled >= threshold[:, None], scaled + noise, float("-inf"))
     tokens[rows] = perturbed.argmax(dim=-1)  # first index on ties, like the kernel
     return tokens
 
 
-def _pick(values: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-    return None if values is None else values[rows]
+def _split_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks, then what both draws start from: ``tokens`` [B] already holding every row's
+    greedy argmax, the sampled ``rows`` [R], their temperature-scaled logits [R, V] and their
+    filter thresholds [R].
+
+    NOTE: finding the sampled rows syncs with the device; the draws sync anyway (their random
+    numbers are made on the host), and skipping greedy rows saves noise over whole vocabularies.
+    """
+    check_sample_args(logits, temperature, seeds, top_k, top_p, min_p)
+    raw = logits.float()  # [B, V]; exact for fp16/bf16
+    tokens = raw.argmax(dim=-1)  # greedy rows: lowest index on ties
+    rows = (temperature > 0).nonzero().flatten()
+    scaled = raw[rows] * inverse_temperature(temperature[rows])[:, None]
+    filters = [None if f is None else f[rows] for f in (top_k, top_p, min_p)]
+    return tokens, rows, scaled, sampling_thresholds(scaled, *filters)
 
 
 def sample_inverse_cdf(
@@ -253,14 +266,9 @@ def sample_inverse_cdf(
     token (~0.6 s per step of 64 rows of 49k tokens in numpy). Reproducible for a seed, but a
     seed draws a different token here than in :func:`sample` and the Triton kernel.
     """
-    check_sample_args(logits, temperature, seeds, top_k, top_p, min_p)
-    raw = logits.float()
-    tokens = raw.argmax(dim=-1)
-    rows = (temperature > 0).nonzero().flatten()
+    tokens, rows, scaled, threshold = _split_rows(logits, temperature, seeds, top_k, top_p, min_p)
     if rows.numel() == 0:
         return tokens
-    scaled = raw[rows] * inverse_temperature(temperature[rows])[:, None]
-    threshold = sampling_thresholds(scaled, *(_pick(f, rows) for f in (top_k, top_p, min_p)))
     kept = torch.where(scaled >= threshold[:, None], scaled, float("-inf"))
     cdf = torch.softmax(kept, dim=-1).cumsum(dim=-1)  # [R, V]; flat over dropped tokens
     bits = philox_randint(seeds[rows].cpu().numpy(), np.zeros(1, dtype=np.int32))[:, 0]
