@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from auth_testing import T0, Clock
 
 from helixflow.auth.signing_keys import KeyRing, generate_master_key, load_master_key
 from helixflow.auth.store import (
@@ -29,20 +30,6 @@ from helixflow.auth.store import (
 from helixflow.errors import ConfigError, NotFoundError
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    """A settable clock: call it for the time, `advance` to move it."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class Database:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from auth_testing import T0, Clock
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -30,20 +31,6 @@ from helixflow.errors import AuthenticationError, ConfigError
 ISSUER = "https://auth.helixflow.test"
 AUDIENCE = "helixflow-gateway"
 TTL = 900
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    """A settable clock: call it for the time, `advance` to move it."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture(scope="module")
