@@ -2,7 +2,7 @@
 
 HF's ``LlamaForCausalLM`` gets the very tensors HelixFlow's loader produced from the GGUF file
 (the loader's q/k un-permutation is checked against transformers' own GGUF reader in
-tests/models/test_gguf_loader.py); each prompt then runs through HF ``generate`` alone, and
+tests/pool/models/test_gguf_loader.py); each prompt then runs through HF ``generate`` alone, and
 through HelixFlow's engine with all 20 prompts in flight together (chunked prefill, paged KV
 cache, continuous batching). The greedy tokens must be identical.
 """
@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from bench_engine import hf_model
 
 from helixflow.pool.models.loader import LoadedModel
 from helixflow.pool.runner import EngineOptions, build_engine
@@ -30,25 +31,6 @@ PROMPTS = [
     "Tell me a fun fact about octopuses.", "How do I boil an egg?",
     "What language is spoken in Brazil?",
 ]  # fmt: skip
-
-
-def hf_model(loaded: LoadedModel, transformers: Any) -> Any:
-    c = loaded.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
-        eos_token_id=list(c.eos_token_ids), pad_token_id=c.pad_token_id,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(hf_config).eval()
-    state = dict(loaded.weights())
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
-    assert set(missing) <= {"lm_head.weight"}, missing  # tied to the embeddings
-    return model
 
 
 @pytest.mark.slow
