@@ -518,28 +518,70 @@ class Store:
             )
             return tx.execute(sql, (self._now(), family_id)).rowcount
 
+    def revoke_user_refresh_tokens(self, user_id: str) -> list[str]:
+        """Revoke every live refresh token of `user_id` now; returns the families touched."""
+        with self._tx() as tx:
+            rows = tx.execute(
+                "SELECT DISTINCT family_id FROM refresh_tokens"
+                " WHERE user_id = ? AND revoked_at IS NULL",
+                (user_id,),
+            ).all()
+            tx.execute(
+                "UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
+                (self._now(), user_id),
+            )
+        return sorted(str(r[0]) for r in rows)
+
+    def revoke_user_api_keys(self, user_id: str) -> list[str]:
+        """Revoke every live API key of `user_id` now; returns their ids."""
+        with self._tx() as tx:
+            rows = tx.execute(
+                "SELECT id FROM api_keys WHERE user_id = ? AND revoked_at IS NULL", (user_id,)
+            ).all()
+            tx.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
+                (self._now(), user_id),
+            )
+        return sorted(str(r[0]) for r in rows)
+
     # -- revocations -------------------------------------------------------------------------
 
-    def add_revocation(self, kind: str, value: str, *, expires_at: float | None = None) -> None:
-        """Revoke `value` of `kind` until `expires_at` (None: forever); re-adding replaces it."""
+    def add_revocation(
+        self, kind: str, value: str, *, expires_at: float | None = None
+    ) -> Revocation:
+        """Revoke `value` of `kind` now until `expires_at` (None: forever) and return the row.
+
+        Re-adding replaces the row: its time becomes now (for kind ``user`` that time is the
+        cut-off before which every token of the user is refused).
+        """
         if kind not in REVOCATION_KINDS:
             raise ValueError(f"revocation kind must be one of {REVOCATION_KINDS}, got {kind!r}")
+        revocation = Revocation(kind, value, expires_at, self._now())
         with self._tx() as tx:
             tx.execute(
                 "INSERT INTO revocations (kind, value, expires_at, created_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (kind, value) DO UPDATE SET expires_at = excluded.expires_at",
-                (kind, value, expires_at, self._now()),
+                " ON CONFLICT (kind, value) DO UPDATE"
+                " SET expires_at = excluded.expires_at, created_at = excluded.created_at",
+                (kind, value, expires_at, revocation.created_at),
             )
+        return revocation
 
-    def list_revocations(self, now: float | None = None) -> list[Revocation]:
-        """The revocations still in force at `now` (default: the store's clock)."""
+    def list_revocations(
+        self, now: float | None = None, *, since: float | None = None
+    ) -> list[Revocation]:
+        """The revocations still in force at `now` (default: the store's clock), oldest first;
+        with `since`, only those made at or after it (what a poller has not seen yet)."""
         at = self._now() if now is None else now
+        sql = (
+            "SELECT kind, value, expires_at, created_at FROM revocations"
+            " WHERE (expires_at IS NULL OR expires_at > ?)"
+        )
+        params: list[object] = [at]
+        if since is not None:
+            sql += " AND created_at >= ?"
+            params.append(since)
         with self._tx() as tx:
-            rows = tx.execute(
-                "SELECT kind, value, expires_at, created_at FROM revocations"
-                " WHERE expires_at IS NULL OR expires_at > ? ORDER BY created_at, kind, value",
-                (at,),
-            ).all()
+            rows = tx.execute(sql + " ORDER BY created_at, kind, value", params).all()
         return [Revocation(str(r[0]), str(r[1]), _opt_float(r[2]), float(r[3])) for r in rows]
 
     def prune_revocations(self, now: float | None = None) -> int:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from auth_testing import T0, Clock
+from auth_testing import T0, Clock, Database
 
 from helixflow.auth.signing_keys import KeyRing, generate_master_key, load_master_key
 from helixflow.auth.store import (
@@ -28,72 +26,6 @@ from helixflow.auth.store import (
     open_store,
 )
 from helixflow.errors import ConfigError, NotFoundError
-
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-class Database:
-    """One empty database of one backend: opens stores on it and runs raw SQL against it."""
-
-    def __init__(self, kind: str, target: str, clock: Clock) -> None:
-        self.kind = kind
-        self.target = target
-        self.clock = clock
-
-    def open(self) -> Store:
-        if self.kind == "sqlite":
-            return open_store("sqlite", path=self.target, now=self.clock)
-        return open_store("postgres", url=self.target, now=self.clock, pool_max_size=4)
-
-    def raw(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        if self.kind == "sqlite":
-            with sqlite3.connect(self.target) as conn:
-                conn.execute(sql, params)
-            conn.close()
-        else:
-            import psycopg
-
-            with psycopg.connect(self.target) as conn:
-                conn.execute(sql.replace("?", "%s"), params)
-
-
-def _pg_admin() -> Any:
-    import psycopg
-
-    return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=2)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    clock = Clock()
-    if request.param == "sqlite":
-        yield Database("sqlite", str(tmp_path / "auth.db"), clock)
-        return
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
-    try:
-        admin = _pg_admin()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is unreachable at 127.0.0.1:5432: {exc}")
-    name = f"helixflow_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        # NOTE: identifiers cannot be bound parameters; `name` is made here, never input.
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield Database("postgres", f"postgresql://postgres@127.0.0.1:5432/{name}", clock)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def store(database: Database) -> Iterator[Store]:
-    opened = database.open()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def clock(database: Database) -> Clock:
-    return database.clock
 
 
 def test_users_round_trip(store: Store, clock: Clock) -> None:
