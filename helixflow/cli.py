@@ -4,6 +4,8 @@ Subcommands:
     info    what is installed: versions, the native core's build, optional GPU stack
     pull    download a known model into the local cache (or check a local path)
     pool    run the inference pool's gRPC service (models loaded, pulled on first use)
+    auth    run the auth service (gRPC for gateways, HTTP for people and tools)
+    admin   manage users, API keys, revocations and signing keys on the auth database
 
 ``helixflow serve`` and the other services arrive with later issues.
 """
@@ -149,6 +151,76 @@ def _cmd_pool(args: argparse.Namespace) -> int:
         return 1
 
 
+def _add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, help="gRPC port (default: $PORT or 8081)")
+    parser.add_argument("--http-port", type=int, help="HTTP port (default: $HTTP_PORT or 8082)")
+    parser.add_argument("--database-type", choices=("sqlite", "postgres"),
+                        help="default: $DATABASE_TYPE or sqlite")  # fmt: skip
+    parser.add_argument("--database-path", help="SQLite file (default: $DATABASE_PATH or "
+                        "$HELIXFLOW_HOME/auth.db)")  # fmt: skip
+    parser.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    parser.add_argument("--redis-url", help="relay revocations between replicas "
+                        "(default: $REDIS_URL)")  # fmt: skip
+    parser.add_argument("--issuer", help="JWT iss (default: $HELIXFLOW_JWT_ISSUER or helixflow)")
+    parser.add_argument("--audience",
+                        help="JWT aud (default: $HELIXFLOW_JWT_AUDIENCE or helixflow)")  # fmt: skip
+    parser.add_argument("--access-ttl", type=float, metavar="SECONDS",
+                        help="access token lifetime (default: 900)")  # fmt: skip
+    parser.add_argument("--refresh-ttl", type=float, metavar="SECONDS",
+                        help="login session lifetime (default: 30 days)")  # fmt: skip
+    parser.add_argument("--allow-registration", action="store_true",
+                        help="let anyone sign up (POST /v1/auth/register)")  # fmt: skip
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS on both ports "
+                        "(default: $TLS_CERT)")  # fmt: skip
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key (default: $TLS_KEY)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+
+
+def _cmd_auth(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from helixflow.auth.service import options_from_env, serve
+    from helixflow.errors import HelixFlowError
+    from helixflow.logs import configure_logging
+
+    configure_logging(args.log_format)
+    try:
+        opts = options_from_env(args, os.environ)
+        # NOTE: the default asyncio loop: grpc.aio does not support uvloop.
+        return asyncio.run(serve(opts))
+    except (HelixFlowError, OSError) as exc:
+        message = exc.message if isinstance(exc, HelixFlowError) else str(exc)
+        print(f"helixflow auth: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    import os
+
+    from helixflow.auth.admin import gen_master_key, run_admin
+    from helixflow.auth.service import open_core, options_from_env
+    from helixflow.errors import HelixFlowError
+
+    if args.admin_command == "gen-master-key":
+        return gen_master_key()
+    core = None
+    try:
+        opts = options_from_env(args, os.environ)
+        core = open_core(opts)
+        return run_admin(args, core, opts.redis_url)
+    except HelixFlowError as exc:
+        print(f"helixflow admin: error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"helixflow admin: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if core is not None:
+            core.store.close()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="helixflow",
@@ -179,6 +251,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_pool_arguments(pool)
     pool.set_defaults(handler=_cmd_pool)
+    auth = commands.add_parser(
+        "auth",
+        help="run the auth service (gRPC :8081, HTTP :8082)",
+        description="Serve users, logins, API keys, revocations and the JWKS: gRPC for "
+        "gateways (protos/auth.proto), HTTP for people and tools. SQLite by default "
+        "($HELIXFLOW_HOME/auth.db), PostgreSQL with --database-type postgres. The master key "
+        "that encrypts signing keys at rest: $HELIXFLOW_MASTER_KEY or "
+        "$HELIXFLOW_MASTER_KEY_FILE (made next to a SQLite database when neither is set).",
+    )
+    _add_auth_arguments(auth)
+    auth.set_defaults(handler=_cmd_auth)
+    from helixflow.auth.admin import add_admin_arguments
+
+    admin = commands.add_parser(
+        "admin",
+        help="manage users, API keys, revocations and signing keys",
+        description="Work directly on the auth database (the service need not run).",
+    )
+    add_admin_arguments(admin)
+    admin.set_defaults(handler=_cmd_admin)
     return parser
 
 

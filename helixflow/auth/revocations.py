@@ -85,11 +85,15 @@ class RevocationSet:
         key = (event.kind, event.value)
         with self._lock:
             held = self._entries.get(key)
-            if held is not None and held.revoked_at >= event.revoked_at:
-                if held.expires_at is None or (
-                    event.expires_at is not None and held.expires_at >= event.expires_at
-                ):
-                    return False
+            if (
+                held is not None
+                and held.revoked_at >= event.revoked_at
+                and (
+                    held.expires_at is None
+                    or (event.expires_at is not None and held.expires_at >= event.expires_at)
+                )
+            ):
+                return False
             self._entries[key] = event
         return True
 
