@@ -74,7 +74,7 @@ def _password(args: argparse.Namespace) -> str:
     return first
 
 
-def _publish(url: str | None, events: list[RevocationEvent]) -> None:
+def _publish(url: str | None, events: list[RevocationEvent | None]) -> None:
     if not url or not events:
         return
     import redis
@@ -84,8 +84,10 @@ def _publish(url: str | None, events: list[RevocationEvent]) -> None:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=3)
         for event in events:
-            client.publish(REDIS_CHANNEL, json.dumps({"origin": "admin", "type": "revocation",
-                                                      "event": event.to_json()}))  # fmt: skip
+            message = {"origin": "admin", "type": "keys_rotated"}
+            if event is not None:
+                message.update(type="revocation", event=event.to_json())
+            client.publish(REDIS_CHANNEL, json.dumps(message))
         client.close()
     except Exception as exc:  # the service's store poll still picks it up
         print(f"helixflow admin: warning: not published on Redis ({exc})", file=sys.stderr)
@@ -97,8 +99,8 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def run_admin(args: argparse.Namespace, core: AuthCore, redis_url: str | None) -> int:
     """Run one admin command on `core`; returns the exit code."""
-    events: list[RevocationEvent] = []
-    core.add_listener(lambda event: events.append(event) if event is not None else None)
+    events: list[RevocationEvent | None] = []  # None: the signing keys changed
+    core.add_listener(events.append)
     cmd = args.admin_command
     if cmd == "create-user":
         user = core.create_user(args.username, _password(args), role=args.role)

@@ -205,8 +205,11 @@ class Request:
 class AuthHttpApp:
     """The ASGI application; `core` does the work in worker threads."""
 
-    def __init__(self, core: AuthCore) -> None:
+    def __init__(
+        self, core: AuthCore, *, settle: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
         self.core = core
+        self._settle = settle
         self._routes: dict[tuple[str, str], Handler] = {}
         self._param_routes: list[tuple[str, str, str, Handler]] = []
         for method, path, handler in (
@@ -308,7 +311,13 @@ class AuthHttpApp:
                               f"the body is larger than {MAX_BODY_BYTES} bytes")  # fmt: skip
             request = Request(scope, body)
             request.params = params
-            return await handler(request)
+            try:
+                return await handler(request)
+            finally:
+                if self._settle is not None and request.method != "GET":
+                    # Anything this request revoked is on its way to every gateway before
+                    # the client hears back (see RevocationHub.settle).
+                    await self._settle()
         except RateLimitError as exc:
             response = Response(exc.status, exc.to_openai())
             if exc.retry_after is not None:

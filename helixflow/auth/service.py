@@ -180,18 +180,36 @@ def open_core(opts: AuthOptions) -> AuthCore:
 # -- the revocation fan-out ------------------------------------------------------------------
 
 
+class Subscriber:
+    """One revocation stream: its queue of (sequence number, item) and what it has sent."""
+
+    __slots__ = ("name", "queue", "written")
+
+    def __init__(self, name: str, written: int) -> None:
+        self.name = name
+        self.queue: asyncio.Queue[tuple[int, RevocationEvent | str]] = asyncio.Queue(
+            SUBSCRIBER_QUEUE
+        )
+        self.written = written
+
+
 class RevocationHub:
     """Fans revocations out to gRPC subscribers and, with Redis, to every other replica.
 
-    `on_core_event` is the `AuthCore` listener: it may run on any thread.
+    `on_core_event` is the `AuthCore` listener: it may run on any thread. Every item gets a
+    sequence number; `settle` waits until every subscriber's stream has sent all items so far,
+    which the HTTP API does before it answers a request that revoked something: when the
+    answer arrives, every connected gateway has been sent the revocation already.
     """
 
     def __init__(self, core: AuthCore, loop: asyncio.AbstractEventLoop) -> None:
         self.core = core
         self._loop = loop
-        self._subscribers: set[asyncio.Queue[RevocationEvent | str]] = set()
+        self._subscribers: set[Subscriber] = set()
         self._origin = uuid.uuid4().hex
         self._redis: Any = None
+        self._written = asyncio.Condition()
+        self.seq = 0
         self.relayed = 0
 
     def on_core_event(self, event: RevocationEvent | None) -> None:
@@ -199,25 +217,50 @@ class RevocationHub:
 
     def _deliver(self, event: RevocationEvent | None, publish: bool) -> None:
         item: RevocationEvent | str = KEYS_ROTATED if event is None else event
-        for queue in list(self._subscribers):
+        self.seq += 1
+        for sub in list(self._subscribers):
             try:
-                queue.put_nowait(item)
+                sub.queue.put_nowait((self.seq, item))
             except asyncio.QueueFull:  # a stuck subscriber: end its stream, it resyncs
-                log.warning("revocation subscriber fell behind; closing its stream")
-                self._subscribers.discard(queue)
+                log.warning("revocation subscriber %s fell behind; closing its stream", sub.name)
+                self._subscribers.discard(sub)
                 with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-                queue.put_nowait(CLOSE)
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait((self.seq, CLOSE))
         if publish and self._redis is not None:
             self._loop.create_task(self._publish(event))
 
-    def subscribe(self) -> asyncio.Queue[RevocationEvent | str]:
-        queue: asyncio.Queue[RevocationEvent | str] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        self._subscribers.add(queue)
-        return queue
+    def subscribe(self, name: str) -> Subscriber:
+        sub = Subscriber(name, self.seq)
+        self._subscribers.add(sub)
+        return sub
 
-    def unsubscribe(self, queue: asyncio.Queue[RevocationEvent | str]) -> None:
-        self._subscribers.discard(queue)
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+        self._loop.create_task(self._mark_written(sub, self.seq))
+
+    async def _mark_written(self, sub: Subscriber, seq: int) -> None:
+        sub.written = seq
+        async with self._written:
+            self._written.notify_all()
+
+    async def settle(self, timeout: float = 1.0) -> bool:
+        """Wait until every subscriber has sent every item delivered so far; False on
+        timeout (a slow or dead subscriber does not hold the caller longer)."""
+        target = self.seq
+
+        def done() -> bool:
+            return all(sub.written >= target for sub in self._subscribers)
+
+        if done():
+            return True
+        try:
+            async with self._written:
+                await asyncio.wait_for(self._written.wait_for(done), timeout)
+        except TimeoutError:
+            log.warning("revocation not confirmed sent to every subscriber within %.1fs", timeout)
+            return False
+        return True
 
     @property
     def subscribers(self) -> int:
@@ -336,8 +379,8 @@ class AuthServicer(pb_grpc.AuthServicer):
     async def WatchRevocations(
         self, request: Any, context: Any
     ) -> AsyncIterator[pb.RevocationEvent]:
-        queue = self.hub.subscribe()  # before the snapshot, so nothing falls in between
         who = request.subscriber or context.peer()
+        sub = self.hub.subscribe(who)  # before the snapshot, so nothing falls in between
         log.info("revocation subscriber %s joined (%d)", who, self.hub.subscribers)
         try:
             for event in self.core.revocations.events():
@@ -345,7 +388,7 @@ class AuthServicer(pb_grpc.AuthServicer):
             yield pb.RevocationEvent(type=pb.RevocationEvent.SYNCED)
             while not self.stopping.is_set():
                 try:
-                    item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                    seq, item = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
                 except TimeoutError:
                     yield pb.RevocationEvent(type=pb.RevocationEvent.HEARTBEAT)
                     continue
@@ -355,8 +398,11 @@ class AuthServicer(pb_grpc.AuthServicer):
                     yield _event_pb(item)
                 else:
                     yield pb.RevocationEvent(type=pb.RevocationEvent.KEYS_ROTATED)
+                # NOTE: grpc.aio resumes the generator only once the message is written.
+                if sub.queue.empty():
+                    await self.hub._mark_written(sub, seq)
         finally:
-            self.hub.unsubscribe(queue)
+            self.hub.unsubscribe(sub)
             log.info("revocation subscriber %s left", who)
 
 
@@ -416,7 +462,7 @@ async def serve(opts: AuthOptions, *, ready: asyncio.Event | None = None) -> int
     tls: dict[str, Any] = {}
     if opts.tls_cert and opts.tls_key:
         tls = {"ssl_cert": Path(opts.tls_cert), "ssl_key": Path(opts.tls_key)}
-    http = Granian(AuthHttpApp(core), address=opts.host, port=opts.http_port,
+    http = Granian(AuthHttpApp(core, settle=hub.settle), address=opts.host, port=opts.http_port,
                    interface=Interfaces.ASGI, log_enabled=False, **tls)  # fmt: skip
     http_task = asyncio.create_task(http.serve())
     await asyncio.sleep(0.05)
