@@ -10,6 +10,7 @@ signing keys within ten seconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import sys
@@ -32,15 +33,19 @@ def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     parser.add_argument("--redis-url", help="publish revocations here (default: $REDIS_URL)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print results as JSON")  # fmt: skip
     commands = parser.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
+    add = functools.partial(commands.add_parser, parents=[common])
 
-    user = commands.add_parser("create-user", help="add a user (prompts for the password)")
+    user = add("create-user", help="add a user (prompts for the password)")
     user.add_argument("username")
     user.add_argument("--role", choices=("admin", "user"), default="user")
     user.add_argument("--password-stdin", action="store_true",
                       help="read the password from the first line of stdin")  # fmt: skip
 
-    key = commands.add_parser("create-key", help="make an API key for a user; prints it once")
+    key = add("create-key", help="make an API key for a user; prints it once")
     key.add_argument("username", help="the owner (username or id)")
     key.add_argument("--name", default="", help="a label for listings")
     key.add_argument("--scope", action="append", dest="scopes", metavar="SCOPE",
@@ -49,20 +54,20 @@ def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
     key.add_argument("--tpm", type=int, help="tokens per minute limit")
     key.add_argument("--expires-in", type=float, metavar="SECONDS", help="lifetime")
 
-    revoke = commands.add_parser("revoke", help="revoke a jti, family, API key or user")
+    revoke = add("revoke", help="revoke a jti, family, API key or user")
     revoke.add_argument("kind", choices=("jti", "family", "api_key", "user"))
     revoke.add_argument("value", help="the jti, family id, API key id or username/id")
 
-    commands.add_parser("rotate-keys", help="make a new signing key current")
+    add("rotate-keys", help="make a new signing key current")
 
-    commands.add_parser("list-users", help="list every user")
-    keys = commands.add_parser("list-keys", help="list a user's API keys")
+    add("list-users", help="list every user")
+    keys = add("list-keys", help="list a user's API keys")
     keys.add_argument("username")
-    disable = commands.add_parser("disable-user", help="disable a user and revoke everything")
+    disable = add("disable-user", help="disable a user and revoke everything")
     disable.add_argument("username")
-    enable = commands.add_parser("enable-user", help="re-enable a disabled user")
+    enable = add("enable-user", help="re-enable a disabled user")
     enable.add_argument("username")
-    commands.add_parser("gen-master-key", help="print a new master key (base64url)")
+    add("gen-master-key", help="print a new master key (base64url)")
 
 
 def _password(args: argparse.Namespace) -> str:

@@ -101,6 +101,11 @@ class AuthClient:
         self._last_message = 0.0  # monotonic time of the stream's last message
         self.on_revocation: Callable[[RevocationEvent], None] | None = None
         self.stream_connects = 0
+        # Local sequence numbers of key/user revocations, to tell whether one arrived while a
+        # ValidateApiKey call was in flight (no clock comparison across hosts).
+        self._seq = 0
+        self._last_seq: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._pruned_at = time.monotonic()
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -169,9 +174,17 @@ class AuthClient:
             delay = min(delay * 2, 5.0)
 
     def _apply(self, event: RevocationEvent) -> None:
+        if time.monotonic() - self._pruned_at > 60.0:
+            self._pruned_at = time.monotonic()
+            self.revocations.prune()
         if not self.revocations.add(event):
             return
         if event.kind in ("api_key", "user"):
+            self._seq += 1
+            self._last_seq[(event.kind, event.value)] = self._seq
+            self._last_seq.move_to_end((event.kind, event.value))
+            while len(self._last_seq) > self._cache_size:
+                self._last_seq.popitem(last=False)
             field = "key_id" if event.kind == "api_key" else "user_id"
             stale = [k for k, (p, _) in self._cache.items() if getattr(p, field) == event.value]
             for digest in stale:
@@ -271,7 +284,7 @@ class AuthClient:
             if fresh and self.stream_healthy:
                 self._cache.move_to_end(digest)
                 return principal
-        asked_at = self._now()
+        asked_at = self._seq
         try:
             reply = await self._stub.ValidateApiKey(pb.ValidateApiKeyRequest(api_key=key),
                                                     timeout=_RPC_TIMEOUT_S)  # fmt: skip
@@ -285,9 +298,10 @@ class AuthClient:
         principal = _principal(reply, "api_key")
         # NOTE: a revocation may have arrived while the call was in flight (and found nothing
         # to evict); the answer is stale then, and must neither be used nor cached.
-        user_cut = self.revocations.user_revoked_at(principal.user_id)
-        if self.revocations.is_api_key_revoked(principal.key_id) or (
-            user_cut is not None and user_cut >= asked_at - 1.0
+        if (
+            self.revocations.is_api_key_revoked(principal.key_id)
+            or self._last_seq.get(("api_key", principal.key_id), 0) > asked_at
+            or self._last_seq.get(("user", principal.user_id), 0) > asked_at
         ):
             raise AuthenticationError("Invalid API key.", code="invalid_api_key")
         self._cache[digest] = (principal, time.monotonic())

@@ -67,6 +67,10 @@ _MODEL_SCOPE = re.compile(r"model:[A-Za-z0-9._:/*-]{1,128}")
 _REFRESH = re.compile(r"hfr_([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{43})")
 MIN_PASSWORD_CHARS: Final = 8
 _TOUCH_INTERVAL_S: Final = 60.0
+_KEY_RELOAD_MIN_S: Final = 5.0  # an unknown kid reloads the ring at most this often
+_PRUNE_EVERY_S: Final = 60.0
+_API_KEY_REVOCATION_S: Final = 86400.0  # gateways cache keys for seconds; the store keeps it
+MAX_LIMIT: Final = 10**12
 _LOGIN_FAILED: Final = "Invalid username or password."
 _REFRESH_FAILED: Final = "Invalid or expired refresh token."
 _KEY_FAILED: Final = "Invalid API key."
@@ -206,6 +210,8 @@ class AuthCore:
             now=now,
         )
         self._polled_at: float | None = None
+        self._pruned_at = 0.0
+        self._keys_reloaded_at = 0.0
         self.poll_revocations()
 
     # -- listeners ---------------------------------------------------------------------------
@@ -248,9 +254,13 @@ class AuthCore:
         """The published key `kid` (the verifier's key lookup); reloads once on a miss."""
         with self._lock:
             key = self._ring.public_key(kid)
-        if key is None and self.reload_keys():
-            with self._lock:
-                key = self._ring.public_key(kid)
+        # NOTE: rate-limited: a flood of tokens with made-up kids must not become a flood of
+        # store reads (a rotation by another process is also picked up by the 10 s poll).
+        if key is None and time.monotonic() - self._keys_reloaded_at >= _KEY_RELOAD_MIN_S:
+            self._keys_reloaded_at = time.monotonic()
+            if self.reload_keys():
+                with self._lock:
+                    key = self._ring.public_key(kid)
         return key
 
     def jwks(self) -> dict[str, Any]:
@@ -278,10 +288,15 @@ class AuthCore:
     def reload_keys(self, *, notify: bool = True) -> bool:
         """Re-read the ring from the store (another process may have rotated it); True if the
         set of keys changed."""
-        ring = self._ring_from_store()
+        record = self.store.load_signing_keys()
         with self._lock:
-            if ring is None or {k.kid for k in ring.keys} == {k.kid for k in self._ring.keys}:
-                return False
+            held = {k.kid for k in self._ring.keys}
+        if record is None or {str(r["kid"]) for r in record["keys"]} == held:
+            return False  # unchanged: nothing decrypted
+        ring = KeyRing.from_dict(
+            record, self._master_key, access_token_ttl=self.settings.access_ttl, now=self._now
+        )
+        with self._lock:
             self._ring = ring
             self._rebind_issuer()
         log.info("signing keys reloaded: %s is current", ring.current.kid)
@@ -340,10 +355,17 @@ class AuthCore:
         log.info("user %s %s", user.id, "disabled" if disabled else "enabled")
         return dataclasses.replace(user, disabled=disabled)
 
-    def change_password(self, user_id: str, old_password: str, new_password: str) -> None:
-        """Change a password (the old one is required); ends every other session of the user."""
+    def change_password(
+        self, user_id: str, old_password: str, new_password: str, *, source: str
+    ) -> None:
+        """Change a password (the old one is required, throttled like a login); ends every
+        session of the user."""
         user = self.store.get_user(user_id)
-        if user is None or not credentials.verify_password(user.password_hash, old_password):
+        if user is None:
+            raise AuthenticationError(_LOGIN_FAILED, code="invalid_credentials")
+        self._check_throttle(user.username, source)
+        if not credentials.verify_password(user.password_hash, old_password):
+            self.throttle.failure(user.username, source)
             raise AuthenticationError(_LOGIN_FAILED, code="invalid_credentials")
         _check_new_password(new_password)
         self.store.set_user_password(user.id, credentials.hash_password(new_password))
@@ -352,9 +374,7 @@ class AuthCore:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def login(self, username: str, password: str, *, source: str) -> TokenPair:
-        """Password login → token pair. AuthenticationError (generic) or RateLimitError."""
-        account = username if isinstance(username, str) else ""
+    def _check_throttle(self, account: str, source: str) -> None:
         wait = self.throttle.retry_after(account, source)
         if wait > 0:
             log.warning("login throttled: source=%s retry_after=%.0fs", source, wait)
@@ -363,16 +383,24 @@ class AuthCore:
                 retry_after=wait,
                 code="login_throttled",
             )
+
+    def login(self, username: str, password: str, *, source: str) -> TokenPair:
+        """Password login → token pair. AuthenticationError (generic) or RateLimitError."""
         try:
-            name = normalize_username(account)
+            name = normalize_username(username)
         except InvalidRequestError:
-            name = ""
-        user = self.store.get_user_by_name(name) if name else None
+            # No such account can exist: only the source pays (and no argon2 is spent).
+            self._check_throttle("", source)
+            self.throttle.failure("", source)
+            log.info("login failed: reason=invalid_username source=%s", source)
+            raise AuthenticationError(_LOGIN_FAILED, code="invalid_credentials") from None
+        self._check_throttle(name, source)
+        user = self.store.get_user_by_name(name)
         # NOTE: an unknown user costs the same argon2 verification as a wrong password.
         ok = credentials.verify_password(None if user is None else user.password_hash, password)
         if user is None or not ok or user.disabled:
             reason = "unknown_user" if user is None else ("bad_password" if not ok else "disabled")
-            self.throttle.failure(account, source)
+            self.throttle.failure(name, source)
             log.info(
                 "login failed: reason=%s user=%s source=%s",
                 reason,
@@ -380,24 +408,27 @@ class AuthCore:
                 source,
             )
             raise AuthenticationError(_LOGIN_FAILED, code="invalid_credentials")
-        self.throttle.success(account)
+        self.throttle.success(name)
         if credentials.password_needs_rehash(user.password_hash):
             self.store.set_user_password(user.id, credentials.hash_password(password))
         family = secrets.token_urlsafe(16)
-        pair = self._issue_pair(user, family, self._now() + self.settings.refresh_ttl)
-        log.info("login: user=%s session=%s source=%s", user.id, family[:8], source)
-        return pair
-
-    def _issue_pair(self, user: User, family: str, family_expires_at: float) -> TokenPair:
-        jti = secrets.token_urlsafe(16)
-        refresh = f"{REFRESH_PREFIX}{jti}.{secrets.token_urlsafe(32)}"
+        jti, refresh = self._new_refresh()
         self.store.add_refresh_token(
             jti,
             family_id=family,
             user_id=user.id,
             token_hash=_sha256(refresh),
-            expires_at=family_expires_at,
+            expires_at=self._now() + self.settings.refresh_ttl,
         )
+        log.info("login: user=%s session=%s source=%s", user.id, family[:8], source)
+        return self._pair(user, family, refresh, self._now() + self.settings.refresh_ttl)
+
+    @staticmethod
+    def _new_refresh() -> tuple[str, str]:
+        jti = secrets.token_urlsafe(16)
+        return jti, f"{REFRESH_PREFIX}{jti}.{secrets.token_urlsafe(32)}"
+
+    def _pair(self, user: User, family: str, refresh: str, family_ends: float) -> TokenPair:
         with self._lock:
             access = self._issuer.issue(
                 user.id,
@@ -409,7 +440,7 @@ class AuthCore:
             access_token=access,
             refresh_token=refresh,
             expires_in=int(self.settings.access_ttl),
-            refresh_expires_in=max(0, int(family_expires_at - self._now())),
+            refresh_expires_in=max(0, int(family_ends - self._now())),
         )
 
     @staticmethod
@@ -426,17 +457,32 @@ class AuthCore:
             raise AuthenticationError(_REFRESH_FAILED, code="invalid_refresh_token")
         return match.group(1), row
 
+    def _session_revoked(self, family_id: str, user_id: str) -> bool:
+        # NOTE: besides the rows' revoked_at, the revocation records are checked: a rotation
+        # that raced a revocation may have written a successor the revocation's UPDATE did
+        # not see. Family and user records outlive every refresh token they cover.
+        if self.store.get_revocation("family", family_id) is not None:
+            return True
+        user_cut = self.store.get_revocation("user", user_id)
+        bounds = self.store.family_bounds(family_id)
+        return user_cut is not None and bounds is not None and bounds[0] <= user_cut.created_at
+
     def refresh(self, refresh_token: str) -> TokenPair:
         """Exchange a refresh token for a new pair; reuse of a used one revokes its family."""
         jti, row = self._find_refresh(refresh_token)
         reason = None
-        if row.revoked_at is not None:
+        new_jti, new_refresh = self._new_refresh()
+        if row.revoked_at is not None or self._session_revoked(row.family_id, row.user_id):
             reason = "revoked"
         elif row.expires_at <= self._now():
             reason = "expired"
-        elif row.used_at is not None or not self.store.mark_refresh_used(jti):
-            # NOTE: the conditional UPDATE in mark_refresh_used makes two racing exchanges of
-            # one token count as reuse for the loser, so a stolen copy cannot win a race.
+        elif (
+            row.used_at is not None
+            or self.store.rotate_refresh_token(jti, new_jti, token_hash=_sha256(new_refresh))
+            is None
+        ):
+            # NOTE: spending the old token and writing its successor is one conditional
+            # transaction, so of two racing exchanges of one token the loser counts as reuse.
             reason = "reuse"
             self.revoke_family(row.family_id)
             log.warning(
@@ -447,7 +493,7 @@ class AuthCore:
             if user is None or user.disabled:
                 reason = "inactive_user"
             else:
-                return self._issue_pair(user, row.family_id, row.expires_at)
+                return self._pair(user, row.family_id, new_refresh, row.expires_at)
         log.info("refresh refused: reason=%s user=%s", reason, row.user_id)
         raise AuthenticationError(_REFRESH_FAILED, code="invalid_refresh_token")
 
@@ -530,6 +576,7 @@ class AuthCore:
         self,
         owner: User,
         *,
+        caller: Principal | None = None,
         name: str = "",
         scopes: Sequence[str] = (ALL_MODELS_SCOPE,),
         rpm_limit: int | None = None,
@@ -540,14 +587,28 @@ class AuthCore:
         checked = validate_scopes(scopes)
         if ADMIN_SCOPE in checked and owner.role != "admin":
             raise PermissionDeniedError("only an admin's key may have the admin scope")
+        if caller is not None:
+            # A key made by a key can do no more than its maker.
+            for scope in checked:
+                covered = scope in caller.scopes or (
+                    scope.startswith("model:") and ALL_MODELS_SCOPE in caller.scopes
+                )
+                if not covered:
+                    raise PermissionDeniedError(f"the caller lacks the scope {scope!r}")
+            for param, mine, asked in (("rpm_limit", caller.rpm_limit, rpm_limit),
+                                       ("tpm_limit", caller.tpm_limit, tpm_limit)):  # fmt: skip
+                if mine is not None and (asked is None or asked > mine):
+                    raise PermissionDeniedError(f"{param} may not exceed the caller's {mine}")
         if not isinstance(name, str) or len(name) > 128:
             raise InvalidRequestError("name must be a string of at most 128 characters",
                                       param="name")  # fmt: skip
         for param, limit in (("rpm_limit", rpm_limit), ("tpm_limit", tpm_limit)):
             if limit is not None and (
-                isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+                isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT
             ):
-                raise InvalidRequestError(f"{param} must be a positive integer", param=param)
+                raise InvalidRequestError(
+                    f"{param} must be an integer from 1 to {MAX_LIMIT}", param=param
+                )
         if expires_at is not None and expires_at <= self._now():
             raise InvalidRequestError("expires_at must be in the future", param="expires_at")
         for _ in range(5):  # a prefix collision (36^8 space) is retried with a fresh key
@@ -579,13 +640,23 @@ class AuthCore:
         """Revoke a key in the store and push the revocation; NotFoundError."""
         row = self.get_api_key(key_id)
         self.store.revoke_api_key(row.id)
-        event = self._revoke("api_key", row.id, row.expires_at)
+        event = self._revoke("api_key", row.id, self._api_key_expiry(row.expires_at))
         return self.get_api_key(row.id), event
 
     # -- revocation --------------------------------------------------------------------------
 
     def _family_expiry(self) -> float:
         return self._now() + self.settings.access_ttl + self.settings.leeway
+
+    def _api_key_expiry(self, key_expires_at: float | None) -> float:
+        horizon = self._now() + _API_KEY_REVOCATION_S
+        return horizon if key_expires_at is None else min(horizon, key_expires_at)
+
+    @staticmethod
+    def _check_value(value: str) -> str:
+        if not isinstance(value, str) or not value.strip() or len(value) > 128:
+            raise InvalidRequestError("value must be 1-128 characters", param="value")
+        return value
 
     def _revoke(self, kind: str, value: str, expires_at: float | None) -> RevocationEvent:
         event = _event(self.store.add_revocation(kind, value, expires_at=expires_at))
@@ -596,25 +667,32 @@ class AuthCore:
 
     def revoke_family(self, family_id: str) -> RevocationEvent:
         """End a session: its refresh tokens and the access tokens issued in it."""
+        bounds = self.store.family_bounds(self._check_value(family_id))
+        if bounds is None:
+            raise NotFoundError("no such session", code="session_not_found")
         self.store.revoke_refresh_family(family_id)
-        return self._revoke("family", family_id, self._family_expiry())
+        # Kept while any of its tokens could live (see _session_revoked).
+        return self._revoke("family", family_id, max(self._family_expiry(), bounds[1]))
 
     def revoke_jti(self, jti: str, *, expires_at: float | None = None) -> RevocationEvent:
         """Revoke one access token by its jti (kept until it would have expired)."""
-        if not isinstance(jti, str) or not jti or len(jti) > 128:
-            raise InvalidRequestError("a jti must be 1-128 characters", param="value")
+        self._check_value(jti)
         return self._revoke("jti", jti, expires_at or self._family_expiry())
 
     def _revoke_user_tokens(self, user_id: str) -> RevocationEvent:
         self.store.revoke_user_refresh_tokens(user_id)
-        return self._revoke("user", user_id, self._family_expiry())
+        # Kept while any session begun before it could live (see _session_revoked).
+        expires = self._now() + max(self.settings.refresh_ttl,
+                                    self.settings.access_ttl + self.settings.leeway)  # fmt: skip
+        return self._revoke("user", user_id, expires)
 
     def revoke_user(self, user_ref: str) -> RevocationEvent:
         """Revoke everything of a user: access tokens, sessions and API keys."""
         user = self.get_user(user_ref)
         for key_id in self.store.revoke_user_api_keys(user.id):
             row = self.store.get_api_key(key_id)
-            self._revoke("api_key", key_id, None if row is None else row.expires_at)
+            self._revoke("api_key", key_id, self._api_key_expiry(None if row is None
+                                                                 else row.expires_at))  # fmt: skip
         return self._revoke_user_tokens(user.id)
 
     def revoke(self, kind: str, value: str) -> RevocationEvent:
@@ -624,9 +702,9 @@ class AuthCore:
         if kind == "family":
             return self.revoke_family(value)
         if kind == "api_key":
-            return self.revoke_api_key(value)[1]
+            return self.revoke_api_key(self._check_value(value))[1]
         if kind == "user":
-            return self.revoke_user(value)
+            return self.revoke_user(self._check_value(value))
         raise InvalidRequestError("kind must be one of jti, family, api_key, user", param="kind")
 
     def revoke_token(self, token: str, principal: Principal) -> RevocationEvent:
@@ -653,9 +731,18 @@ class AuthCore:
         since = None if self._polled_at is None else self._polled_at - 60.0
         rows = self.store.list_revocations(now, since=since)
         self._polled_at = now
-        fresh = self.revocations.update(_event(row) for row in rows)
+        events = []
+        for row in rows:
+            try:
+                events.append(_event(row))
+            except ValueError:  # a hand-edited row must not stop the service
+                log.warning("ignored a malformed revocation row (kind %r)", row.kind)
+        fresh = self.revocations.update(events)
         if since is not None:
             for event in fresh:
                 self._notify(event)
-        self.revocations.prune()
+        if now - self._pruned_at >= _PRUNE_EVERY_S:
+            self._pruned_at = now
+            self.revocations.prune()
+            self.store.prune_revocations(now)
         return fresh

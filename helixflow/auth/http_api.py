@@ -34,7 +34,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -166,6 +166,18 @@ def _principal_json(p: Principal) -> dict[str, Any]:
 Handler = Callable[["Request"], Awaitable[Response]]
 
 
+class SettlingHub(Protocol):
+    """What the app needs of the revocation hub (`service.RevocationHub`)."""
+
+    seq: int
+    relayed: int
+
+    @property
+    def subscribers(self) -> int: ...
+
+    async def settle(self, timeout: float = 1.0) -> bool: ...
+
+
 class Request:
     """One parsed HTTP request as the handlers see it."""
 
@@ -205,11 +217,9 @@ class Request:
 class AuthHttpApp:
     """The ASGI application; `core` does the work in worker threads."""
 
-    def __init__(
-        self, core: AuthCore, *, settle: Callable[[], Awaitable[bool]] | None = None
-    ) -> None:
+    def __init__(self, core: AuthCore, *, hub: SettlingHub | None = None) -> None:
         self.core = core
-        self._settle = settle
+        self._hub = hub
         self._routes: dict[tuple[str, str], Handler] = {}
         self._param_routes: list[tuple[str, str, str, Handler]] = []
         for method, path, handler in (
@@ -311,13 +321,14 @@ class AuthHttpApp:
                               f"the body is larger than {MAX_BODY_BYTES} bytes")  # fmt: skip
             request = Request(scope, body)
             request.params = params
+            seq = None if self._hub is None else self._hub.seq
             try:
                 return await handler(request)
             finally:
-                if self._settle is not None and request.method != "GET":
+                if self._hub is not None and self._hub.seq != seq:
                     # Anything this request revoked is on its way to every gateway before
                     # the client hears back (see RevocationHub.settle).
-                    await self._settle()
+                    await self._hub.settle()
         except RateLimitError as exc:
             response = Response(exc.status, exc.to_openai())
             if exc.retry_after is not None:
@@ -337,12 +348,17 @@ class AuthHttpApp:
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    async def _principal(self, request: Request) -> Principal:
+    async def _principal(self, request: Request, *, api_key: bool = False) -> Principal:
+        """The caller. Unless `api_key`, an API key is accepted only with the admin scope:
+        managing an account (keys, password, sessions) takes a login, so a leaked inference
+        key cannot widen itself."""
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise AuthenticationError("Missing bearer credentials.", code="missing_credentials")
         principal: Principal = await self._call(self.core.authenticate, credential.strip())
+        if principal.kind == "api_key" and not api_key and not principal.is_admin:
+            raise PermissionDeniedError("this needs a login token, not an API key")
         return principal
 
     async def _admin(self, request: Request) -> Principal:
@@ -359,8 +375,11 @@ class AuthHttpApp:
         except Exception as exc:  # the store is down: not ready
             log.warning("health: the store does not answer: %s", type(exc).__name__)
             return Response(503, {"status": "unavailable", "store": "down"})
-        return Response(200, {"status": "ok", "kid": self.core.current_kid,
-                              "revocations": len(self.core.revocations)})  # fmt: skip
+        body: dict[str, Any] = {"status": "ok", "kid": self.core.current_kid,
+                                "revocations": len(self.core.revocations)}  # fmt: skip
+        if self._hub is not None:
+            body.update(subscribers=self._hub.subscribers, relayed=self._hub.relayed)
+        return Response(200, body)
 
     async def jwks(self, request: Request) -> Response:
         return Response(200, self.core.jwks(), [(b"cache-control", b"public, max-age=60")])
@@ -395,12 +414,14 @@ class AuthHttpApp:
     async def change_password(self, request: Request) -> Response:
         principal = await self._principal(request)
         body: PasswordBody = request.json(PasswordBody)
+        if principal.kind != "token":
+            raise PermissionDeniedError("this needs a login token, not an API key")
         await self._call(self.core.change_password, principal.user_id, body.old_password,
-                         body.new_password)  # fmt: skip
+                         body.new_password, source=request.client)  # fmt: skip
         return Response(204)
 
     async def me(self, request: Request) -> Response:
-        return Response(200, _principal_json(await self._principal(request)))
+        return Response(200, _principal_json(await self._principal(request, api_key=True)))
 
     async def list_users(self, request: Request) -> Response:
         await self._admin(request)
@@ -415,7 +436,7 @@ class AuthHttpApp:
         return Response(201, _user_json(user))
 
     async def get_user(self, request: Request) -> Response:
-        principal = await self._principal(request)
+        principal = await self._principal(request, api_key=True)
         user: User = await self._call(self.core.get_user, request.params["id"])
         if user.id != principal.user_id and not principal.is_admin:
             raise NotFoundError("no such user", code="user_not_found")
@@ -428,7 +449,7 @@ class AuthHttpApp:
         return Response(200, _user_json(user))
 
     async def list_keys(self, request: Request) -> Response:
-        principal = await self._principal(request)
+        principal = await self._principal(request, api_key=True)
         user_id = request.query_param("user_id") or principal.user_id
         if user_id != principal.user_id:
             if not principal.is_admin:
@@ -455,6 +476,7 @@ class AuthHttpApp:
         record, key = await self._call(
             self.core.create_api_key,
             owner,
+            caller=principal,
             name=body.name,
             scopes=body.scopes,
             rpm_limit=body.rpm_limit,
@@ -463,15 +485,17 @@ class AuthHttpApp:
         )
         return Response(201, {**_key_json(record), "key": key}, [_NO_STORE])
 
-    async def _owned_key(self, request: Request) -> tuple[Principal, ApiKey]:
-        principal = await self._principal(request)
+    async def _owned_key(
+        self, request: Request, *, api_key: bool = False
+    ) -> tuple[Principal, ApiKey]:
+        principal = await self._principal(request, api_key=api_key)
         key: ApiKey = await self._call(self.core.get_api_key, request.params["id"])
         if key.user_id != principal.user_id and not principal.is_admin:
             raise NotFoundError("no such API key", code="api_key_not_found")
         return principal, key
 
     async def get_key(self, request: Request) -> Response:
-        _, key = await self._owned_key(request)
+        _, key = await self._owned_key(request, api_key=True)
         return Response(200, _key_json(key))
 
     async def delete_key(self, request: Request) -> Response:

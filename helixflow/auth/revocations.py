@@ -81,19 +81,25 @@ class RevocationSet:
         return len(self._entries)
 
     def add(self, event: RevocationEvent) -> bool:
-        """Hold `event`; False if an equal or newer entry for the same (kind, value) is held."""
+        """Hold `event`; False if nothing changed (an equal or wider entry is held).
+
+        Two entries for one (kind, value) merge: the later `revoked_at` (a user's newer
+        cut-off) and the later `expires_at` (None, never, being the latest) both win.
+        """
         key = (event.kind, event.value)
         with self._lock:
             held = self._entries.get(key)
-            if (
-                held is not None
-                and held.revoked_at >= event.revoked_at
-                and (
-                    held.expires_at is None
-                    or (event.expires_at is not None and held.expires_at >= event.expires_at)
+            if held is not None:
+                expires = (
+                    None
+                    if held.expires_at is None or event.expires_at is None
+                    else max(held.expires_at, event.expires_at)
                 )
-            ):
-                return False
+                event = RevocationEvent(
+                    event.kind, event.value, max(held.revoked_at, event.revoked_at), expires
+                )
+                if event == held:
+                    return False
             self._entries[key] = event
         return True
 

@@ -49,6 +49,7 @@ HEARTBEAT_S: Final = 2.0
 POLL_REVOCATIONS_S: Final = 1.0
 POLL_KEYS_S: Final = 10.0
 SUBSCRIBER_QUEUE: Final = 10_000
+MAX_SUBSCRIBERS: Final = 1024
 KEYS_ROTATED: Final = "keys_rotated"
 CLOSE: Final = "close"
 
@@ -87,6 +88,19 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{name}: must be a port number, got {text!r}")
     return port
+
+
+def _seconds(args: Any, env: Mapping[str, str], flag: str, name: str, default: float) -> float:
+    value = getattr(args, flag, None)
+    if value is not None:
+        return float(value)
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: must be a number of seconds, got {text!r}") from None
 
 
 def resolve_master_key(
@@ -142,8 +156,8 @@ def options_from_env(args: Any, env: Mapping[str, str]) -> AuthOptions:
         audience=getattr(args, "audience", None)
         or env.get("HELIXFLOW_JWT_AUDIENCE")
         or "helixflow",
-        access_ttl=float(getattr(args, "access_ttl", None) or 900.0),
-        refresh_ttl=float(getattr(args, "refresh_ttl", None) or 30 * 86400.0),
+        access_ttl=_seconds(args, env, "access_ttl", "HELIXFLOW_ACCESS_TTL", 900.0),
+        refresh_ttl=_seconds(args, env, "refresh_ttl", "HELIXFLOW_REFRESH_TTL", 30 * 86400.0),
         allow_registration=bool(getattr(args, "allow_registration", False)),
     )
     if settings.access_ttl <= 0 or settings.refresh_ttl <= settings.access_ttl:
@@ -183,10 +197,11 @@ def open_core(opts: AuthOptions) -> AuthCore:
 class Subscriber:
     """One revocation stream: its queue of (sequence number, item) and what it has sent."""
 
-    __slots__ = ("name", "queue", "written")
+    __slots__ = ("closed", "name", "queue", "written")
 
     def __init__(self, name: str, written: int) -> None:
         self.name = name
+        self.closed = False
         self.queue: asyncio.Queue[tuple[int, RevocationEvent | str]] = asyncio.Queue(
             SUBSCRIBER_QUEUE
         )
@@ -224,6 +239,7 @@ class RevocationHub:
             except asyncio.QueueFull:  # a stuck subscriber: end its stream, it resyncs
                 log.warning("revocation subscriber %s fell behind; closing its stream", sub.name)
                 self._subscribers.discard(sub)
+                sub.closed = True
                 with contextlib.suppress(asyncio.QueueEmpty):
                     sub.queue.get_nowait()
                 sub.queue.put_nowait((self.seq, CLOSE))
@@ -258,7 +274,15 @@ class RevocationHub:
             async with self._written:
                 await asyncio.wait_for(self._written.wait_for(done), timeout)
         except TimeoutError:
-            log.warning("revocation not confirmed sent to every subscriber within %.1fs", timeout)
+            # A subscriber that cannot keep up is cut off (it reconnects and resyncs from a
+            # snapshot), so it cannot hold up the next revoking request as well.
+            for sub in [s for s in self._subscribers if s.written < target]:
+                log.warning("revocation subscriber %s did not take an event within %.1fs; "
+                            "closing its stream", sub.name, timeout)  # fmt: skip
+                self._subscribers.discard(sub)
+                sub.closed = True
+                with contextlib.suppress(asyncio.QueueFull):
+                    sub.queue.put_nowait((self.seq, CLOSE))
             return False
         return True
 
@@ -379,7 +403,9 @@ class AuthServicer(pb_grpc.AuthServicer):
     async def WatchRevocations(
         self, request: Any, context: Any
     ) -> AsyncIterator[pb.RevocationEvent]:
-        who = request.subscriber or context.peer()
+        who = (request.subscriber or "")[:64] or context.peer()
+        if self.hub.subscribers >= MAX_SUBSCRIBERS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers")
         sub = self.hub.subscribe(who)  # before the snapshot, so nothing falls in between
         log.info("revocation subscriber %s joined (%d)", who, self.hub.subscribers)
         try:
@@ -387,6 +413,8 @@ class AuthServicer(pb_grpc.AuthServicer):
                 yield _event_pb(event)
             yield pb.RevocationEvent(type=pb.RevocationEvent.SYNCED)
             while not self.stopping.is_set():
+                if sub.closed:  # cut off by the hub: the client resyncs
+                    return
                 try:
                     seq, item = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
                 except TimeoutError:
@@ -462,7 +490,7 @@ async def serve(opts: AuthOptions, *, ready: asyncio.Event | None = None) -> int
     tls: dict[str, Any] = {}
     if opts.tls_cert and opts.tls_key:
         tls = {"ssl_cert": Path(opts.tls_cert), "ssl_key": Path(opts.tls_key)}
-    http = Granian(AuthHttpApp(core, settle=hub.settle), address=opts.host, port=opts.http_port,
+    http = Granian(AuthHttpApp(core, hub=hub), address=opts.host, port=opts.http_port,
                    interface=Interfaces.ASGI, log_enabled=False, **tls)  # fmt: skip
     http_task = asyncio.create_task(http.serve())
     await asyncio.sleep(0.05)

@@ -97,6 +97,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             retired_at DOUBLE PRECISION
         )""",
     ),
+    (
+        # The revocation poll reads by time; every process runs it each second.
+        "CREATE INDEX revocations_created_at ON revocations (created_at)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -509,6 +513,47 @@ class Store:
             sql = "UPDATE refresh_tokens SET used_at = ? WHERE jti = ? AND used_at IS NULL"
             return tx.execute(sql, (self._now(), jti)).rowcount == 1
 
+    def rotate_refresh_token(
+        self, old_jti: str, new_jti: str, *, token_hash: str
+    ) -> RefreshToken | None:
+        """Spend `old_jti` and record its successor in one transaction; None if `old_jti` was
+        already used or revoked (reuse) — then nothing is written.
+
+        The successor inherits the family, the user and the family's end (`expires_at`).
+        """
+        now = self._now()
+        with self._tx(f"refresh token {new_jti!r} already exists") as tx:
+            spent = tx.execute(
+                "UPDATE refresh_tokens SET used_at = ?"
+                " WHERE jti = ? AND used_at IS NULL AND revoked_at IS NULL",
+                (now, old_jti),
+            ).rowcount
+            if spent != 1:
+                return None
+            row = tx.execute(
+                "SELECT family_id, user_id, expires_at FROM refresh_tokens WHERE jti = ?",
+                (old_jti,),
+            ).one()
+            assert row is not None
+            token = RefreshToken(new_jti, str(row[0]), str(row[1]), token_hash, float(row[2]),
+                                 now, None, None)  # fmt: skip
+            tx.execute(
+                f"INSERT INTO refresh_tokens ({_REFRESH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                dataclasses.astuple(token),
+            )
+        return token
+
+    def family_bounds(self, family_id: str) -> tuple[float, float] | None:
+        """When a refresh family (a login session) began and when it ends; None if unknown."""
+        with self._tx() as tx:
+            row = tx.execute(
+                "SELECT MIN(created_at), MAX(expires_at) FROM refresh_tokens WHERE family_id = ?",
+                (family_id,),
+            ).one()
+        if row is None or row[0] is None:
+            return None
+        return float(row[0]), float(row[1])
+
     def revoke_refresh_family(self, family_id: str) -> int:
         """Revoke every not yet revoked token of a family now; returns how many."""
         with self._tx() as tx:
@@ -565,6 +610,17 @@ class Store:
                 (kind, value, expires_at, revocation.created_at),
             )
         return revocation
+
+    def get_revocation(self, kind: str, value: str) -> Revocation | None:
+        """The revocation of `value` of `kind`, if one was ever made (expired or not)."""
+        with self._tx() as tx:
+            row = tx.execute(
+                "SELECT kind, value, expires_at, created_at FROM revocations"
+                " WHERE kind = ? AND value = ?",
+                (kind, value),
+            ).one()
+        return None if row is None else Revocation(str(row[0]), str(row[1]), _opt_float(row[2]),
+                                                   float(row[3]))  # fmt: skip
 
     def list_revocations(
         self, now: float | None = None, *, since: float | None = None

@@ -7,10 +7,10 @@ reason, only when that server is unreachable.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from auth_testing import PG_ADMIN_URL, Clock, Database
@@ -18,21 +18,17 @@ from auth_testing import PG_ADMIN_URL, Clock, Database
 from helixflow.auth.store import Store
 
 
-def _pg_admin() -> Any:
-    import psycopg
-
-    return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=2)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+@contextlib.contextmanager
+def provision(kind: str, directory: Path) -> Iterator[Database]:
+    """An empty database of `kind` ("sqlite": a file in `directory`; "postgres": a fresh
+    database on the local server, dropped afterwards)."""
     clock = Clock()
-    if request.param == "sqlite":
-        yield Database("sqlite", str(tmp_path / "auth.db"), clock)
+    if kind == "sqlite":
+        yield Database("sqlite", str(directory / "auth.db"), clock)
         return
     psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
     try:
-        admin = _pg_admin()
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=2)
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL is unreachable at 127.0.0.1:5432: {exc}")
     name = f"helixflow_test_{uuid.uuid4().hex[:12]}"
@@ -43,6 +39,12 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
             yield Database("postgres", f"postgresql://postgres@127.0.0.1:5432/{name}", clock)
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    with provision(request.param, tmp_path) as db:
+        yield db
 
 
 @pytest.fixture

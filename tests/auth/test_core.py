@@ -73,9 +73,10 @@ def test_refresh_rotates_and_reuse_revokes_the_family(core: AuthCore, alice: str
     clock.advance(60)
     second = core.refresh(first.refresh_token)
     assert second.refresh_token != first.refresh_token
-    assert core.validate_token(second.access_token).session_id == core.validate_token(
-        first.access_token
-    ).session_id
+    assert (
+        core.validate_token(second.access_token).session_id
+        == core.validate_token(first.access_token).session_id
+    )
     # Reuse of the spent token: refused, and the whole session dies with it.
     with pytest.raises(AuthenticationError):
         core.refresh(first.refresh_token)
@@ -292,8 +293,8 @@ def test_users_registration_and_passwords(database: Database) -> None:
         assert user.role == "user"
         pair = core.login("frank", PASSWORD, source="s")
         with pytest.raises(AuthenticationError):
-            core.change_password(user.id, "wrong password", "new password 1")
-        core.change_password(user.id, PASSWORD, "new password 1")
+            core.change_password(user.id, "wrong password", "new password 1", source="s")
+        core.change_password(user.id, PASSWORD, "new password 1", source="s")
         with pytest.raises(AuthenticationError):
             core.refresh(pair.refresh_token)  # sessions end with the old password
         with pytest.raises(AuthenticationError):
@@ -301,3 +302,99 @@ def test_users_registration_and_passwords(database: Database) -> None:
         assert core.login("frank", "new password 1", source="s")
     finally:
         core.store.close()
+
+
+def test_a_refresh_that_raced_a_revocation_cannot_outlive_it(core: AuthCore, alice: str,
+                                                             clock: Clock) -> None:  # fmt: skip
+    pair = core.login("alice", PASSWORD, source="s")
+    session = core.validate_token(pair.access_token).session_id
+    core.revoke_family(session)
+    # The race: a successor written by a rotation the revocation's UPDATE did not see.
+    racer = "hfr_" + "r" * 22 + "." + "s" * 43
+    import hashlib
+
+    core.store.add_refresh_token("r" * 22, family_id=session, user_id=alice,
+                                 token_hash=hashlib.sha256(racer.encode()).hexdigest(),
+                                 expires_at=clock() + 1e6)  # fmt: skip
+    clock.advance(core.settings.access_ttl * 10)  # long after the access tokens expired
+    with pytest.raises(AuthenticationError):
+        core.refresh(racer)
+    # The same for everything of a user.
+    pair = core.login("alice", PASSWORD, source="s")
+    session = core.validate_token(pair.access_token).session_id
+    core.revoke("user", alice)
+    racer = "hfr_" + "q" * 22 + "." + "s" * 43
+    core.store.add_refresh_token("q" * 22, family_id=session, user_id=alice,
+                                 token_hash=hashlib.sha256(racer.encode()).hexdigest(),
+                                 expires_at=clock() + 1e6)  # fmt: skip
+    clock.advance(core.settings.access_ttl * 10)
+    with pytest.raises(AuthenticationError):
+        core.refresh(racer)
+
+
+def test_made_up_kids_do_not_flood_the_store(core: AuthCore, alice: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import jwt
+
+    reads = []
+    original = core.store.load_signing_keys
+    monkeypatch.setattr(core.store, "load_signing_keys",
+                        lambda: reads.append(1) or original())  # fmt: skip
+    key = core._ring.current
+    for i in range(50):
+        token = jwt.encode({"sub": "x"}, key.private_key, algorithm="RS256",
+                           headers={"kid": f"made-up-{i}", "typ": "at+jwt"})  # fmt: skip
+        with pytest.raises(InvalidTokenError):
+            core.validate_token(token)
+    assert len(reads) <= 1
+
+
+def test_throttle_keys_on_the_normalized_name(core: AuthCore, alice: str) -> None:
+    for variant in ("alice", " alice", "ALICE", "alice\t", "Alice "):
+        with pytest.raises(AuthenticationError):
+            core.login(variant, "wrong password", source=f"ip-{len(variant)}-{variant[0]}")
+    with pytest.raises(RateLimitError):
+        core.login(" alice ", PASSWORD, source="elsewhere")
+    for _ in range(25):  # names that cannot exist only cost the source
+        with pytest.raises((AuthenticationError, RateLimitError)):
+            core.login("x" * 100_000, "y", source="spammer")
+    assert len(core.throttle._failures) < 10
+
+
+def test_revocation_values_and_limits_are_checked_before_any_write(core: AuthCore,
+                                                                   alice: str) -> None:  # fmt: skip
+    for kind in ("family", "jti", "user", "api_key"):
+        with pytest.raises(InvalidRequestError):
+            core.revoke(kind, "")
+        with pytest.raises(InvalidRequestError):
+            core.revoke(kind, "x" * 129)
+    with pytest.raises(InvalidRequestError):
+        core.revoke("session", "x")
+    from helixflow.errors import NotFoundError
+
+    for kind in ("family", "user", "api_key"):
+        with pytest.raises(NotFoundError):
+            core.revoke(kind, "no-such-thing")
+    assert core.store.list_revocations() == []
+    with pytest.raises(InvalidRequestError):
+        core.create_api_key(core.get_user(alice), rpm_limit=2**63)
+
+
+def test_a_key_can_make_no_more_than_its_maker(core: AuthCore) -> None:
+    root = core.create_user("root", PASSWORD, role="admin")
+    _, narrow = core.create_api_key(root, scopes=["admin", "model:smol"], rpm_limit=10)
+    caller = core.validate_api_key(narrow)
+    assert caller.is_admin
+    for scopes, rpm in ((["model:*"], 10), (["model:other"], 10), (["model:smol"], None),
+                        (["model:smol"], 11)):  # fmt: skip
+        with pytest.raises(PermissionDeniedError):
+            core.create_api_key(root, caller=caller, scopes=scopes, rpm_limit=rpm)
+    assert core.create_api_key(root, caller=caller, scopes=["model:smol"], rpm_limit=5)
+
+
+def test_password_changes_are_throttled(core: AuthCore, alice: str) -> None:
+    for _ in range(5):
+        with pytest.raises(AuthenticationError):
+            core.change_password(alice, "wrong password", "new password 1", source="s")
+    with pytest.raises(RateLimitError):
+        core.change_password(alice, PASSWORD, "new password 1", source="s")
