@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,6 +27,11 @@ from helixflow.auth.revocations import RevocationEvent
 T = TypeVar("T")
 
 
+def ssl_context(ca: Path) -> ssl.SSLContext:
+    """A client context that trusts only `ca`."""
+    return ssl.create_default_context(cafile=str(ca))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,12 +48,18 @@ class AuthProcess:
         log_dir: Path,
         *args: str,
         env: dict[str, str] | None = None,
+        tls: dict[str, Path] | None = None,
     ) -> None:
         self.database = database
         self.master_key = master_key
         self.log_dir = log_dir
         self.args = args
         self.extra_env = env or {}
+        self.tls = tls
+        self.verify: Any = True if tls is None else ssl_context(tls["ca"])
+        if tls is not None:
+            args = (*args, "--tls-cert", str(tls["server"]), "--tls-key", str(tls["server_key"]))
+            self.args = args
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -66,7 +78,8 @@ class AuthProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def grpc_target(self) -> str:
@@ -85,7 +98,8 @@ class AuthProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"auth exited early:\n{self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                health = httpx.get(self.url + "/health", timeout=1, verify=self.verify)
+                if health.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -121,7 +135,8 @@ class AuthProcess:
         headers = kwargs.pop("headers", {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+        return httpx.request(method, self.url + path, headers=headers, timeout=30,
+                             verify=self.verify, **kwargs)  # fmt: skip
 
     def login(self, username: str, password: str) -> dict[str, Any]:
         reply = self.http("POST", "/v1/auth/login",

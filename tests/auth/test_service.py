@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import jwt
 import pytest
 from auth_testing import Database
@@ -536,3 +537,37 @@ def test_revocations_reach_every_replica_over_redis(tmp_path: Path) -> None:
                 service.close()
     finally:
         redis.close()
+
+
+def test_tls_on_both_ports(tmp_path: Path) -> None:
+    from service_testing import ssl_context
+    from tls_testing import make_pki
+
+    pki = make_pki(tmp_path)
+    with provision("sqlite", tmp_path) as database:
+        auth = AuthProcess(database, generate_master_key(), tmp_path, tls=pki)
+        try:
+            made = auth.admin("create-user", "root", "--password-stdin",
+                              stdin=ADMIN_PASSWORD + "\n")  # fmt: skip
+            assert made.returncode == 0, made.stderr
+            with httpx.Client(verify=ssl_context(pki["ca"])) as client:
+                body = {"username": "root", "password": ADMIN_PASSWORD}
+                reply = client.post(auth.url + "/v1/auth/login", json=body)
+                assert reply.status_code == 200
+                stream = client.stream("GET", auth.url + "/health")
+                with stream as response:
+                    tls_version = response.extensions["network_stream"].get_extra_info(
+                        "ssl_object").version()  # fmt: skip
+            assert tls_version == "TLSv1.3"
+            with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+                httpx.get(auth.url.replace("https:", "http:") + "/health", timeout=5)
+            creds = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+            validator = Validator(auth.grpc_target, credentials=creds)
+            try:
+                token = reply.json()["access_token"]
+                assert validator.authenticate(token).username == "root"
+                assert validator.client.stream_healthy
+            finally:
+                validator.close()
+        finally:
+            assert auth.stop() == 0
