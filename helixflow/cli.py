@@ -18,6 +18,7 @@ import importlib.util
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from helixflow import __version__
 
@@ -133,22 +134,33 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
     import os
 
-    from helixflow.errors import HelixFlowError
     from helixflow.pool.service import options_from_args, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return _run_service("pool", lambda: serve(options_from_args(args, os.environ)))
+
+
+def _run_service(name: str, make: Callable[[], Any]) -> int:
+    """Run the coroutine `make()` returns; a HelixFlowError or OSError (from building the
+    options or from serving) is printed as one line and exits 1."""
+    import asyncio
+
+    from helixflow.errors import HelixFlowError
+
     try:
-        opts = options_from_args(args, os.environ)
         # NOTE: the default asyncio loop: grpc.aio does not support uvloop.
-        return asyncio.run(serve(opts))
+        return int(asyncio.run(_call(make)))
     except (HelixFlowError, OSError) as exc:
         message = exc.message if isinstance(exc, HelixFlowError) else str(exc)
-        print(f"helixflow pool: error: {message}", file=sys.stderr)
+        print(f"helixflow {name}: error: {message}", file=sys.stderr)
         return 1
+
+
+async def _call(make: Callable[[], Any]) -> Any:
+    return await make()
 
 
 def _add_auth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,22 +190,13 @@ def _add_auth_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_auth(args: argparse.Namespace) -> int:
-    import asyncio
     import os
 
     from helixflow.auth.service import options_from_env, serve
-    from helixflow.errors import HelixFlowError
     from helixflow.logs import configure_logging
 
     configure_logging(args.log_format)
-    try:
-        opts = options_from_env(args, os.environ)
-        # NOTE: the default asyncio loop: grpc.aio does not support uvloop.
-        return asyncio.run(serve(opts))
-    except (HelixFlowError, OSError) as exc:
-        message = exc.message if isinstance(exc, HelixFlowError) else str(exc)
-        print(f"helixflow auth: error: {message}", file=sys.stderr)
-        return 1
+    return _run_service("auth", lambda: serve(options_from_env(args, os.environ)))
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:

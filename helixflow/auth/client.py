@@ -233,25 +233,14 @@ class AuthClient:
             if exc.reason != "unknown_kid" or not await self._try_refresh_jwks():
                 raise
             claims = self._verifier.verify(token)  # the key may be new: once more
-        sid = claims.extra.get("sid")
-        sid = sid if isinstance(sid, str) else ""
         if not self.stream_healthy:
             return await self._online(token)
-        if self.revocations.is_token_revoked(jti=claims.jti, sub=claims.sub, iat=claims.iat,
-                                             sid=sid):  # fmt: skip
+        principal = Principal.from_claims(claims)
+        if self.revocations.is_token_revoked(jti=principal.token_id, sub=principal.user_id,
+                                             iat=principal.issued_at,
+                                             sid=principal.session_id):  # fmt: skip
             raise InvalidTokenError("revoked")
-        username = claims.extra.get("preferred_username")
-        return Principal(
-            kind="token",
-            user_id=claims.sub,
-            username=username if isinstance(username, str) else "",
-            role=claims.role,
-            scopes=claims.scopes,
-            token_id=claims.jti,
-            session_id=sid,
-            expires_at=float(claims.exp),
-            issued_at=float(claims.iat),
-        )
+        return principal
 
     async def _try_refresh_jwks(self) -> bool:
         try:

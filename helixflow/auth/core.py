@@ -39,7 +39,7 @@ from helixflow.auth.revocations import RevocationEvent, RevocationSet
 from helixflow.auth.signing_keys import KeyRing
 from helixflow.auth.store import ROLES, ApiKey, Revocation, Store, StoreConflict, User
 from helixflow.auth.throttle import LoginThrottle
-from helixflow.auth.tokens import InvalidTokenError, TokenIssuer, TokenVerifier
+from helixflow.auth.tokens import Claims, InvalidTokenError, TokenIssuer, TokenVerifier
 from helixflow.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -110,6 +110,23 @@ class Principal:
     def is_admin(self) -> bool:
         """An admin user acting with the admin scope (an API key must be given it)."""
         return self.role == "admin" and ADMIN_SCOPE in self.scopes
+
+    @classmethod
+    def from_claims(cls, claims: Claims, *, username: str | None = None) -> Principal:
+        """The principal of a verified access token (`username` overrides its claim)."""
+        sid = claims.extra.get("sid")
+        name = claims.extra.get("preferred_username") if username is None else username
+        return cls(
+            kind="token",
+            user_id=claims.sub,
+            username=name if isinstance(name, str) else "",
+            role=claims.role,
+            scopes=claims.scopes,
+            token_id=claims.jti,
+            session_id=sid if isinstance(sid, str) else "",
+            expires_at=float(claims.exp),
+            issued_at=float(claims.iat),
+        )
 
     def may_use_model(self, model: str) -> bool:
         """True if a ``model:`` scope (or ``model:*``) covers `model`."""
@@ -513,30 +530,18 @@ class AuthCore:
     def validate_token(self, token: str) -> Principal:
         """Verify an access token online: signature, claims, revocations and the user."""
         try:
-            claims = self._verifier.verify(token)
-            sid = claims.extra.get("sid")
-            sid = sid if isinstance(sid, str) else ""
-            if self.revocations.is_token_revoked(
-                jti=claims.jti, sub=claims.sub, iat=claims.iat, sid=sid
-            ):
+            principal = Principal.from_claims(self._verifier.verify(token))
+            if self.revocations.is_token_revoked(jti=principal.token_id, sub=principal.user_id,
+                                                 iat=principal.issued_at,
+                                                 sid=principal.session_id):  # fmt: skip
                 raise InvalidTokenError("revoked")
-            user = self.store.get_user(claims.sub)
+            user = self.store.get_user(principal.user_id)
             if user is None or user.disabled:
                 raise InvalidTokenError("inactive_user")
         except InvalidTokenError as exc:
             log.info("access token refused: reason=%s", exc.reason)
             raise
-        return Principal(
-            kind="token",
-            user_id=user.id,
-            username=user.username,
-            role=claims.role,
-            scopes=claims.scopes,
-            token_id=claims.jti,
-            session_id=sid,
-            expires_at=float(claims.exp),
-            issued_at=float(claims.iat),
-        )
+        return dataclasses.replace(principal, username=user.username)
 
     def validate_api_key(self, key: str) -> Principal:
         """An API key → its principal; AuthenticationError (generic) for any failure."""

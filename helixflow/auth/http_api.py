@@ -13,7 +13,8 @@
     POST   /v1/users                    (admin) {username, password, role}
     GET    /v1/users/{id}               (admin, or yourself)
     PATCH  /v1/users/{id}               (admin) {disabled}
-    GET    /v1/api-keys[?user_id=]      your keys (an admin may name a user)
+    GET    /v1/api-keys[?user_id=|prefix=] your keys (an admin may name a user), or the
+                                         one key with that public prefix
     POST   /v1/api-keys                 {name, scopes, rpm_limit, tpm_limit, expires_in|
                                          expires_at, user_id (admin)} -> 201, key shown once
     GET    /v1/api-keys/{id}            (owner or admin)
@@ -450,6 +451,11 @@ class AuthHttpApp:
 
     async def list_keys(self, request: Request) -> Response:
         principal = await self._principal(request, api_key=True)
+        prefix = request.query_param("prefix")
+        if prefix is not None:  # find one key by its public prefix (hfx_<prefix>_...)
+            key = await self._call(self.core.store.find_api_key_by_prefix, prefix)
+            visible = key is not None and (key.user_id == principal.user_id or principal.is_admin)
+            return Response(200, {"object": "list", "data": [_key_json(key)] if visible else []})
         user_id = request.query_param("user_id") or principal.user_id
         if user_id != principal.user_id:
             if not principal.is_admin:

@@ -290,6 +290,30 @@ def test_rejects_a_revoked_api_key(service: Service) -> None:
     assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_keys_are_found_by_prefix_and_no_secret_reaches_the_log(service: Service) -> None:
+    auth = service.auth
+    tokens = auth.login("alice", PASSWORD)
+    made = auth.http("POST", "/v1/api-keys", tokens["access_token"], json={}).json()
+    found = auth.http("GET", f"/v1/api-keys?prefix={made['prefix']}", tokens["access_token"])
+    assert [k["id"] for k in found.json()["data"]] == [made["id"]]
+    other = auth.http("POST", "/v1/users", service.admin_token,
+                      json={"username": "erin", "password": PASSWORD})  # fmt: skip
+    assert other.status_code == 201
+    erin = auth.login("erin", PASSWORD)["access_token"]
+    assert auth.http("GET", f"/v1/api-keys?prefix={made['prefix']}", erin).json()["data"] == []
+    refreshed = auth.http("POST", "/v1/auth/refresh",
+                          json={"refresh_token": tokens["refresh_token"]}).json()  # fmt: skip
+    auth.http("POST", "/v1/auth/login", json={"username": "alice", "password": "hunter2-typo"})
+    assert service.validator.authenticate(made["key"])
+    log = auth.log.read_text()
+    secrets = [PASSWORD, ADMIN_PASSWORD, "hunter2-typo", made["key"], made["key"][13:],
+               tokens["access_token"], tokens["refresh_token"], refreshed["refresh_token"],
+               tokens["refresh_token"].split(".")[1]]  # fmt: skip
+    for secret in secrets:
+        assert secret not in log
+    assert "login: user=" in log and "API key" in log  # the log does say what happened
+
+
 # -- the HTTP API's guards -------------------------------------------------------------------
 
 

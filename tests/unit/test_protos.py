@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = [f"{name}{suffix}" for name in ("inference", "auth")
-             for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
+GENERATED = [
+    f"{name}{suffix}"
+    for name in ("inference", "auth")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+]
 
 
 def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
