@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -93,6 +94,8 @@ class AuthClient:
             collections.OrderedDict()
         )
         self._cache_size = api_key_cache_size
+        self._leeway = leeway
+        self._verified: collections.OrderedDict[bytes, Principal] = collections.OrderedDict()
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._watch: asyncio.Task[None] | None = None
@@ -227,15 +230,29 @@ class AuthClient:
         return await self._token(credential)
 
     async def _token(self, token: str) -> Principal:
-        try:
-            claims = self._verifier.verify(token)
-        except InvalidTokenError as exc:
-            if exc.reason != "unknown_kid" or not await self._try_refresh_jwks():
-                raise
-            claims = self._verifier.verify(token)  # the key may be new: once more
+        # NOTE: a verified token is remembered (by its SHA-256) until it expires, so a client
+        # that sends the same token with every request pays the RS256 check once; the time
+        # claims and the revocation list are still checked on every use.
+        digest = hashlib.sha256(token.encode()).digest()
+        principal = self._verified.get(digest)
+        if principal is None:
+            try:
+                claims = self._verifier.verify(token)
+            except InvalidTokenError as exc:
+                if exc.reason != "unknown_kid" or not await self._try_refresh_jwks():
+                    raise
+                claims = self._verifier.verify(token)  # the key may be new: once more
+            principal = Principal.from_claims(claims)
+            self._verified[digest] = principal
+            while len(self._verified) > self._cache_size:
+                self._verified.popitem(last=False)
+        elif (
+            principal.expires_at is not None and self._now() >= principal.expires_at + self._leeway
+        ):
+            del self._verified[digest]
+            raise InvalidTokenError("expired")
         if not self.stream_healthy:
             return await self._online(token)
-        principal = Principal.from_claims(claims)
         if self.revocations.is_token_revoked(jti=principal.token_id, sub=principal.user_id,
                                              iat=principal.issued_at,
                                              sid=principal.session_id):  # fmt: skip

@@ -290,6 +290,23 @@ def test_rejects_a_revoked_api_key(service: Service) -> None:
     assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_remembered_token_still_expires(service: Service) -> None:
+    from auth_testing import Clock
+
+    clock = Clock(time.time())
+    validator = Validator(service.auth.grpc_target, now=clock)
+    try:
+        token = service.auth.login("alice", PASSWORD)["access_token"]
+        assert validator.authenticate(token)  # verified once, then remembered
+        assert validator.authenticate(token)
+        clock.advance(900 + 30)  # exp + leeway
+        with pytest.raises(InvalidTokenError) as caught:
+            validator.authenticate(token)
+        assert caught.value.reason == "expired"
+    finally:
+        validator.close()
+
+
 def test_keys_are_found_by_prefix_and_no_secret_reaches_the_log(service: Service) -> None:
     auth = service.auth
     tokens = auth.login("alice", PASSWORD)
