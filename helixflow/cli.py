@@ -5,6 +5,7 @@ Subcommands:
     pull    download a known model into the local cache (or check a local path)
     pool    run the inference pool's gRPC service (models loaded, pulled on first use)
     auth    run the auth service (gRPC for gateways, HTTP for people and tools)
+    gateway run the OpenAI-compatible HTTPS gateway (auth, rate limits, routing)
     admin   manage users, API keys, revocations and signing keys on the auth database
 
 ``helixflow serve`` and the other services arrive with later issues.
@@ -199,6 +200,47 @@ def _cmd_auth(args: argparse.Namespace) -> int:
     return _run_service("auth", lambda: serve(options_from_env(args, os.environ)))
 
 
+def _add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTPS port (default: $PORT or 8443)")
+    parser.add_argument("--config", metavar="TOML", help="model registry and limits (default: "
+                        "$HELIXFLOW_CONFIG or ./helixflow.toml)")  # fmt: skip
+    parser.add_argument("--workers", type=int, help="granian worker processes (default 1)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="certificate (default: $TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key (default: $TLS_KEY)")
+    parser.add_argument("--pool", action="append", dest="pool_urls", metavar="HOST:PORT",
+                        help="inference pool(s) when the config names no models "
+                        "(default: $INFERENCE_POOL_URL or 127.0.0.1:50051)")  # fmt: skip
+    parser.add_argument("--auth", dest="auth_grpc", metavar="HOST:PORT",
+                        help="auth service gRPC (default: $AUTH_SERVICE_GRPC or "
+                        "127.0.0.1:8081)")  # fmt: skip
+    parser.add_argument("--redis-url", help="shared rate limits (default: $REDIS_URL)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--insecure-no-auth", action="store_true", help=argparse.SUPPRESS)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import os
+
+    from helixflow.errors import HelixFlowError
+    from helixflow.gateway.config import load_config
+    from helixflow.logs import configure_logging
+
+    configure_logging(args.log_format)
+    flags = {k: getattr(args, k) for k in ("host", "port", "workers", "tls_cert", "tls_key",
+                                           "pool_urls", "auth_grpc", "redis_url", "log_format")}
+    flags["insecure_no_auth"] = args.insecure_no_auth or None
+    try:
+        config = load_config(flags, os.environ, config_path=args.config)
+        from helixflow.gateway.server import run
+
+        return run(config)
+    except (HelixFlowError, OSError) as exc:
+        message = exc.message if isinstance(exc, HelixFlowError) else str(exc)
+        print(f"helixflow gateway: error: {message}", file=sys.stderr)
+        return 1
+
+
 def _cmd_admin(args: argparse.Namespace) -> int:
     import os
 
@@ -265,6 +307,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_auth_arguments(auth)
     auth.set_defaults(handler=_cmd_auth)
+    gateway = commands.add_parser(
+        "gateway",
+        help="run the OpenAI-compatible gateway (HTTPS :8443)",
+        description="Serve OpenAI's REST API (chat, completions, embeddings, models) with "
+        "authentication (API keys and JWTs through `helixflow auth`), per-key rate limits and "
+        "routing to inference pools or upstream OpenAI-compatible APIs. TLS 1.3 with "
+        "--tls-cert/--tls-key (or TLS_CERT/TLS_KEY); plain HTTP otherwise, with a warning.",
+    )
+    _add_gateway_arguments(gateway)
+    gateway.set_defaults(handler=_cmd_gateway)
     from helixflow.auth.admin import add_admin_arguments
 
     admin = commands.add_parser(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhelixflow/_proto/auth.proto\x12\x11helixflow.auth.v1\"(\n\x15ValidateApiKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"%\n\x14ValidateTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\xf5\x01\n\tPrincipal\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x16\n\trpm_limit\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\ttpm_limit\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x0e\n\x06key_id\x18\x07 \x01(\t\x12\x10\n\x08token_id\x18\x08 \x01(\t\x12\x12\n\nexpires_at\x18\t \x01(\x01\x12\x11\n\tissued_at\x18\n \x01(\x01\x12\x12\n\nsession_id\x18\x0b \x01(\tB\x0c\n\n_rpm_limitB\x0c\n\n_tpm_limit\"-\n\x17WatchRevocationsRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\"\xd2\x01\n\x0fRevocationEvent\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.helixflow.auth.v1.RevocationEvent.Type\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x12\n\nrevoked_at\x18\x05 \x01(\x01\"C\n\x04Type\x12\x0e\n\nREVOCATION\x10\x00\x12\n\n\x06SYNCED\x10\x01\x12\r\n\tHEARTBEAT\x10\x02\x12\x10\n\x0cKEYS_ROTATED\x10\x03\"\x10\n\x0eGetJwksRequest\"\x14\n\x04Jwks\x12\x0c\n\x04json\x18\x01 \x01(\t2\xe5\x02\n\x04\x41uth\x12X\n\x0eValidateApiKey\x12(.helixflow.auth.v1.ValidateApiKeyRequest\x1a\x1c.helixflow.auth.v1.Principal\x12V\n\rValidateToken\x12\'.helixflow.auth.v1.ValidateTokenRequest\x1a\x1c.helixflow.auth.v1.Principal\x12\x64\n\x10WatchRevocations\x12*.helixflow.auth.v1.WatchRevocationsRequest\x1a\".helixflow.auth.v1.RevocationEvent0\x01\x12\x45\n\x07GetJwks\x12!.helixflow.auth.v1.GetJwksRequest\x1a\x17.helixflow.auth.v1.Jwksb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhelixflow/_proto/auth.proto\x12\x11helixflow.auth.v1\"(\n\x15ValidateApiKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"%\n\x14ValidateTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\xf5\x01\n\tPrincipal\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x16\n\trpm_limit\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\ttpm_limit\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x0e\n\x06key_id\x18\x07 \x01(\t\x12\x10\n\x08token_id\x18\x08 \x01(\t\x12\x12\n\nexpires_at\x18\t \x01(\x01\x12\x11\n\tissued_at\x18\n \x01(\x01\x12\x12\n\nsession_id\x18\x0b \x01(\tB\x0c\n\n_rpm_limitB\x0c\n\n_tpm_limit\":\n\x17WatchRevocationsRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\"\xdf\x01\n\x0fRevocationEvent\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.helixflow.auth.v1.RevocationEvent.Type\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x12\n\nrevoked_at\x18\x05 \x01(\x01\x12\x0b\n\x03seq\x18\x06 \x01(\x04\"C\n\x04Type\x12\x0e\n\nREVOCATION\x10\x00\x12\n\n\x06SYNCED\x10\x01\x12\r\n\tHEARTBEAT\x10\x02\x12\x10\n\x0cKEYS_ROTATED\x10\x03\"\x10\n\x0eGetJwksRequest\"\x14\n\x04Jwks\x12\x0c\n\x04json\x18\x01 \x01(\t2\xe7\x02\n\x04\x41uth\x12X\n\x0eValidateApiKey\x12(.helixflow.auth.v1.ValidateApiKeyRequest\x1a\x1c.helixflow.auth.v1.Principal\x12V\n\rValidateToken\x12\'.helixflow.auth.v1.ValidateTokenRequest\x1a\x1c.helixflow.auth.v1.Principal\x12\x66\n\x10WatchRevocations\x12*.helixflow.auth.v1.WatchRevocationsRequest\x1a\".helixflow.auth.v1.RevocationEvent(\x01\x30\x01\x12\x45\n\x07GetJwks\x12!.helixflow.auth.v1.GetJwksRequest\x1a\x17.helixflow.auth.v1.Jwksb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRINCIPAL']._serialized_start=132
   _globals['_PRINCIPAL']._serialized_end=377
   _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=379
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=424
-  _globals['_REVOCATIONEVENT']._serialized_start=427
-  _globals['_REVOCATIONEVENT']._serialized_end=637
-  _globals['_REVOCATIONEVENT_TYPE']._serialized_start=570
-  _globals['_REVOCATIONEVENT_TYPE']._serialized_end=637
-  _globals['_GETJWKSREQUEST']._serialized_start=639
-  _globals['_GETJWKSREQUEST']._serialized_end=655
-  _globals['_JWKS']._serialized_start=657
-  _globals['_JWKS']._serialized_end=677
-  _globals['_AUTH']._serialized_start=680
-  _globals['_AUTH']._serialized_end=1037
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=437
+  _globals['_REVOCATIONEVENT']._serialized_start=440
+  _globals['_REVOCATIONEVENT']._serialized_end=663
+  _globals['_REVOCATIONEVENT_TYPE']._serialized_start=596
+  _globals['_REVOCATIONEVENT_TYPE']._serialized_end=663
+  _globals['_GETJWKSREQUEST']._serialized_start=665
+  _globals['_GETJWKSREQUEST']._serialized_end=681
+  _globals['_JWKS']._serialized_start=683
+  _globals['_JWKS']._serialized_end=703
+  _globals['_AUTH']._serialized_start=706
+  _globals['_AUTH']._serialized_end=1065
 # @@protoc_insertion_point(module_scope)

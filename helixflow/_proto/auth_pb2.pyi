@@ -46,13 +46,15 @@ class Principal(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., username: _Optional[str] = ..., role: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., rpm_limit: _Optional[int] = ..., tpm_limit: _Optional[int] = ..., key_id: _Optional[str] = ..., token_id: _Optional[str] = ..., expires_at: _Optional[float] = ..., issued_at: _Optional[float] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class WatchRevocationsRequest(_message.Message):
-    __slots__ = ("subscriber",)
+    __slots__ = ("subscriber", "ack")
     SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     subscriber: str
-    def __init__(self, subscriber: _Optional[str] = ...) -> None: ...
+    ack: int
+    def __init__(self, subscriber: _Optional[str] = ..., ack: _Optional[int] = ...) -> None: ...
 
 class RevocationEvent(_message.Message):
-    __slots__ = ("type", "kind", "value", "expires_at", "revoked_at")
+    __slots__ = ("type", "kind", "value", "expires_at", "revoked_at", "seq")
     class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         REVOCATION: _ClassVar[RevocationEvent.Type]
@@ -68,12 +70,14 @@ class RevocationEvent(_message.Message):
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     type: RevocationEvent.Type
     kind: str
     value: str
     expires_at: float
     revoked_at: float
-    def __init__(self, type: _Optional[_Union[RevocationEvent.Type, str]] = ..., kind: _Optional[str] = ..., value: _Optional[str] = ..., expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+    seq: int
+    def __init__(self, type: _Optional[_Union[RevocationEvent.Type, str]] = ..., kind: _Optional[str] = ..., value: _Optional[str] = ..., expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class GetJwksRequest(_message.Message):
     __slots__ = ()

@@ -44,7 +44,7 @@ class AuthStub:
                 request_serializer=helixflow_dot___proto_dot_auth__pb2.ValidateTokenRequest.SerializeToString,
                 response_deserializer=helixflow_dot___proto_dot_auth__pb2.Principal.FromString,
                 _registered_method=True)
-        self.WatchRevocations = channel.unary_stream(
+        self.WatchRevocations = channel.stream_stream(
                 '/helixflow.auth.v1.Auth/WatchRevocations',
                 request_serializer=helixflow_dot___proto_dot_auth__pb2.WatchRevocationsRequest.SerializeToString,
                 response_deserializer=helixflow_dot___proto_dot_auth__pb2.RevocationEvent.FromString,
@@ -75,9 +75,11 @@ class AuthServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchRevocations(self, request, context):
+    def WatchRevocations(self, request_iterator, context):
         """Every revocation in force (snapshot), then SYNCED, then each new revocation as it
         happens, with a HEARTBEAT every few seconds so a subscriber can tell a dead stream.
+        The subscriber's first message names it; after applying a live event it sends back the
+        event's `seq`: a revoking HTTP request is answered once every subscriber acknowledged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,7 +105,7 @@ def add_AuthServicer_to_server(servicer, server):
                     request_deserializer=helixflow_dot___proto_dot_auth__pb2.ValidateTokenRequest.FromString,
                     response_serializer=helixflow_dot___proto_dot_auth__pb2.Principal.SerializeToString,
             ),
-            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+            'WatchRevocations': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchRevocations,
                     request_deserializer=helixflow_dot___proto_dot_auth__pb2.WatchRevocationsRequest.FromString,
                     response_serializer=helixflow_dot___proto_dot_auth__pb2.RevocationEvent.SerializeToString,
@@ -179,7 +181,7 @@ class Auth:
             _registered_method=True)
 
     @staticmethod
-    def WatchRevocations(request,
+    def WatchRevocations(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -189,8 +191,8 @@ class Auth:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/helixflow.auth.v1.Auth/WatchRevocations',
             helixflow_dot___proto_dot_auth__pb2.WatchRevocationsRequest.SerializeToString,

@@ -25,15 +25,14 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import grpc
 
 from helixflow._proto import auth_pb2 as pb
 from helixflow._proto import auth_pb2_grpc as pb_grpc
-from helixflow.auth.core import Principal
-from helixflow.auth.credentials import API_KEY_PREFIX, api_key_hash
+from helixflow.auth.principal import API_KEY_PREFIX, Principal
 from helixflow.auth.revocations import RevocationEvent, RevocationSet
 from helixflow.auth.signing_keys import JwksKeySet
 from helixflow.auth.tokens import InvalidTokenError, TokenVerifier
@@ -144,8 +143,15 @@ class AuthClient:
     async def _watch_revocations(self) -> None:
         delay = 0.1
         while True:
+            outbox: asyncio.Queue[pb.WatchRevocationsRequest] = asyncio.Queue()
+            outbox.put_nowait(pb.WatchRevocationsRequest(subscriber=self.name))
+
+            async def requests(outbox: asyncio.Queue[Any] = outbox) -> AsyncIterator[Any]:
+                while True:
+                    yield await outbox.get()
+
             try:
-                call = self._stub.WatchRevocations(pb.WatchRevocationsRequest(subscriber=self.name))
+                call = self._stub.WatchRevocations(requests())
                 self.stream_connects += 1
                 async for message in call:
                     self._last_message = time.monotonic()
@@ -164,6 +170,8 @@ class AuthClient:
                         log.info("revocation stream synced (%d in force)", len(self.revocations))
                     elif message.type == pb.RevocationEvent.KEYS_ROTATED:
                         asyncio.get_running_loop().create_task(self._refresh_quietly())
+                    if message.seq:  # applied: the auth service may now answer the revoker
+                        outbox.put_nowait(pb.WatchRevocationsRequest(ack=message.seq))
                 log.warning("revocation stream ended; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -278,7 +286,7 @@ class AuthClient:
         return _principal(reply, "token")
 
     async def _api_key(self, key: str) -> Principal:
-        digest = api_key_hash(key)
+        digest = hashlib.sha256(key.encode()).hexdigest()
         hit = self._cache.get(digest)
         if hit is not None:
             principal, fetched = hit

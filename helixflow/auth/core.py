@@ -35,11 +35,12 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from helixflow.auth import credentials
+from helixflow.auth.principal import ADMIN_SCOPE, ALL_MODELS_SCOPE, Principal
 from helixflow.auth.revocations import RevocationEvent, RevocationSet
 from helixflow.auth.signing_keys import KeyRing
 from helixflow.auth.store import ROLES, ApiKey, Revocation, Store, StoreConflict, User
 from helixflow.auth.throttle import LoginThrottle
-from helixflow.auth.tokens import Claims, InvalidTokenError, TokenIssuer, TokenVerifier
+from helixflow.auth.tokens import InvalidTokenError, TokenIssuer, TokenVerifier
 from helixflow.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -59,8 +60,6 @@ __all__ = [
 
 log = logging.getLogger("helixflow.auth")
 
-ADMIN_SCOPE: Final = "admin"
-ALL_MODELS_SCOPE: Final = "model:*"
 REFRESH_PREFIX: Final = "hfr_"
 _USERNAME = re.compile(r"[a-z0-9][a-z0-9_.@+-]{0,63}")
 _MODEL_SCOPE = re.compile(r"model:[A-Za-z0-9._:/*-]{1,128}")
@@ -87,50 +86,6 @@ class AuthSettings:
     leeway: float = 30.0
     allow_registration: bool = False
     key_size: int = 2048
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Principal:
-    """Who a valid API key or access token acts for, and what it may do."""
-
-    kind: str  # "api_key" | "token"
-    user_id: str
-    username: str
-    role: str
-    scopes: tuple[str, ...]
-    rpm_limit: int | None = None
-    tpm_limit: int | None = None
-    key_id: str = ""
-    token_id: str = ""
-    session_id: str = ""
-    expires_at: float | None = None
-    issued_at: float = 0.0
-
-    @property
-    def is_admin(self) -> bool:
-        """An admin user acting with the admin scope (an API key must be given it)."""
-        return self.role == "admin" and ADMIN_SCOPE in self.scopes
-
-    @classmethod
-    def from_claims(cls, claims: Claims, *, username: str | None = None) -> Principal:
-        """The principal of a verified access token (`username` overrides its claim)."""
-        sid = claims.extra.get("sid")
-        name = claims.extra.get("preferred_username") if username is None else username
-        return cls(
-            kind="token",
-            user_id=claims.sub,
-            username=name if isinstance(name, str) else "",
-            role=claims.role,
-            scopes=claims.scopes,
-            token_id=claims.jti,
-            session_id=sid if isinstance(sid, str) else "",
-            expires_at=float(claims.exp),
-            issued_at=float(claims.iat),
-        )
-
-    def may_use_model(self, model: str) -> bool:
-        """True if a ``model:`` scope (or ``model:*``) covers `model`."""
-        return ALL_MODELS_SCOPE in self.scopes or f"model:{model}" in self.scopes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from helixflow.auth.principal import API_KEY_PREFIX
+
 __all__ = [
     "API_KEY_PREFIX",
     "NewApiKey",
@@ -33,7 +35,6 @@ __all__ = [
     "verify_password",
 ]
 
-API_KEY_PREFIX = "hfx_"
 _PREFIX_CHARS = 8
 _KEY_PATTERN = re.compile(r"hfx_([a-z0-9]{8})_([A-Za-z0-9_-]{43})")
 _HASHER = PasswordHasher()  # argon2id, RFC 9106 low-memory profile

@@ -39,7 +39,8 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from helixflow.auth.core import AuthCore, Principal
+from helixflow.auth.core import AuthCore
+from helixflow.auth.principal import Principal
 from helixflow.auth.revocations import RevocationEvent
 from helixflow.auth.store import ApiKey, User
 from helixflow.errors import (

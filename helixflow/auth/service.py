@@ -33,7 +33,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helixflow._proto import auth_pb2 as pb
 from helixflow._proto import auth_pb2_grpc as pb_grpc
-from helixflow.auth.core import AuthCore, AuthSettings, Principal
+from helixflow.auth.core import AuthCore, AuthSettings
+from helixflow.auth.principal import Principal
 from helixflow.auth.revocations import RevocationEvent
 from helixflow.auth.signing_keys import generate_master_key, load_master_key
 from helixflow.auth.store import Store, open_store
@@ -195,26 +196,28 @@ def open_core(opts: AuthOptions) -> AuthCore:
 
 
 class Subscriber:
-    """One revocation stream: its queue of (sequence number, item) and what it has sent."""
+    """One revocation stream: its queue of (sequence number, item) and the last sequence
+    number the subscriber acknowledged (applied)."""
 
-    __slots__ = ("closed", "name", "queue", "written")
+    __slots__ = ("acked", "closed", "name", "queue")
 
-    def __init__(self, name: str, written: int) -> None:
+    def __init__(self, name: str, acked: int) -> None:
         self.name = name
         self.closed = False
         self.queue: asyncio.Queue[tuple[int, RevocationEvent | str]] = asyncio.Queue(
             SUBSCRIBER_QUEUE
         )
-        self.written = written
+        self.acked = acked
 
 
 class RevocationHub:
     """Fans revocations out to gRPC subscribers and, with Redis, to every other replica.
 
     `on_core_event` is the `AuthCore` listener: it may run on any thread. Every item gets a
-    sequence number; `settle` waits until every subscriber's stream has sent all items so far,
-    which the HTTP API does before it answers a request that revoked something: when the
-    answer arrives, every connected gateway has been sent the revocation already.
+    sequence number, which each subscriber acknowledges once it has applied the item; `settle`
+    waits for those acknowledgements, and the HTTP API settles before it answers a request that
+    revoked something: when the answer arrives, every connected gateway already refuses what
+    was revoked.
     """
 
     def __init__(self, core: AuthCore, loop: asyncio.AbstractEventLoop) -> None:
@@ -223,7 +226,7 @@ class RevocationHub:
         self._subscribers: set[Subscriber] = set()
         self._origin = uuid.uuid4().hex
         self._redis: Any = None
-        self._written = asyncio.Condition()
+        self._acked = asyncio.Condition()
         self.seq = 0
         self.relayed = 0
 
@@ -253,30 +256,32 @@ class RevocationHub:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
-        self._loop.create_task(self._mark_written(sub, self.seq))
+        self._loop.create_task(self.ack(sub, self.seq))
 
-    async def _mark_written(self, sub: Subscriber, seq: int) -> None:
-        sub.written = seq
-        async with self._written:
-            self._written.notify_all()
+    async def ack(self, sub: Subscriber, seq: int) -> None:
+        """Record that `sub` applied every item up to `seq`."""
+        if seq > sub.acked:
+            sub.acked = min(seq, self.seq)
+            async with self._acked:
+                self._acked.notify_all()
 
     async def settle(self, timeout: float = 1.0) -> bool:
-        """Wait until every subscriber has sent every item delivered so far; False on
+        """Wait until every subscriber has applied every item delivered so far; False on
         timeout (a slow or dead subscriber does not hold the caller longer)."""
         target = self.seq
 
         def done() -> bool:
-            return all(sub.written >= target for sub in self._subscribers)
+            return all(sub.acked >= target for sub in self._subscribers)
 
         if done():
             return True
         try:
-            async with self._written:
-                await asyncio.wait_for(self._written.wait_for(done), timeout)
+            async with self._acked:
+                await asyncio.wait_for(self._acked.wait_for(done), timeout)
         except TimeoutError:
             # A subscriber that cannot keep up is cut off (it reconnects and resyncs from a
             # snapshot), so it cannot hold up the next revoking request as well.
-            for sub in [s for s in self._subscribers if s.written < target]:
+            for sub in [s for s in self._subscribers if s.acked < target]:
                 log.warning("revocation subscriber %s did not take an event within %.1fs; "
                             "closing its stream", sub.name, timeout)  # fmt: skip
                 self._subscribers.discard(sub)
@@ -401,13 +406,25 @@ class AuthServicer(pb_grpc.AuthServicer):
         return pb.Jwks(json=json.dumps(self.core.jwks()))
 
     async def WatchRevocations(
-        self, request: Any, context: Any
+        self, request_iterator: Any, context: Any
     ) -> AsyncIterator[pb.RevocationEvent]:
-        who = (request.subscriber or "")[:64] or context.peer()
+        try:
+            first = await asyncio.wait_for(request_iterator.__anext__(), 10.0)
+        except (TimeoutError, StopAsyncIteration):
+            message = "send a WatchRevocationsRequest naming the subscriber first"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        who = (first.subscriber or "")[:64] or context.peer()
         if self.hub.subscribers >= MAX_SUBSCRIBERS:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers")
         sub = self.hub.subscribe(who)  # before the snapshot, so nothing falls in between
         log.info("revocation subscriber %s joined (%d)", who, self.hub.subscribers)
+
+        async def read_acks() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                async for message in request_iterator:
+                    await self.hub.ack(sub, message.ack)
+
+        acks = asyncio.create_task(read_acks())
         try:
             for event in self.core.revocations.events():
                 yield _event_pb(event)
@@ -423,13 +440,13 @@ class AuthServicer(pb_grpc.AuthServicer):
                 if item == CLOSE:  # dropped for falling behind: the client resyncs
                     return
                 if isinstance(item, RevocationEvent):
-                    yield _event_pb(item)
+                    message = _event_pb(item)
                 else:
-                    yield pb.RevocationEvent(type=pb.RevocationEvent.KEYS_ROTATED)
-                # NOTE: grpc.aio resumes the generator only once the message is written.
-                if sub.queue.empty():
-                    await self.hub._mark_written(sub, seq)
+                    message = pb.RevocationEvent(type=pb.RevocationEvent.KEYS_ROTATED)
+                message.seq = seq
+                yield message
         finally:
+            acks.cancel()
             self.hub.unsubscribe(sub)
             log.info("revocation subscriber %s left", who)
 

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from helixflow.errors import EngineDeadError, HelixFlowError, OverloadedError
+from helixflow.errors import EngineDeadError, HelixFlowError, InvalidRequestError, OverloadedError
 from helixflow.pool.llm_engine import LLMEngine, RequestOutput
 from helixflow.pool.sampling_params import SamplingParams
 
@@ -137,7 +137,9 @@ class AsyncLLMEngine:
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:
-                raise HelixFlowError(f"request id {request_id!r} is already in use")
+                raise InvalidRequestError(
+                    f"request id {request_id!r} is already in use", param="request_id"
+                )
             self._streams[request_id] = stream
         self._submit("add", request_id, list(prompt_ids), params)
         finished = False

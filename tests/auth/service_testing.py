@@ -21,7 +21,7 @@ import httpx
 from auth_testing import Database
 
 from helixflow.auth.client import AuthClient
-from helixflow.auth.core import Principal
+from helixflow.auth.principal import Principal
 from helixflow.auth.revocations import RevocationEvent
 
 T = TypeVar("T")

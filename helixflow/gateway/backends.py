@@ -1,0 +1,288 @@
+"""Where requests go: inference pools (gRPC) and upstream OpenAI-compatible APIs (HTTP), each
+behind a circuit breaker, and the model registry that routes a model to its backends.
+
+A pool reports its load (`Load`: waiting and running requests, KV-cache use) every second;
+the router sends a request to the least loaded healthy pool of its model, counting what this
+gateway already has in flight there. A backend that fails `failures` times in a row is skipped
+for `cooldown` seconds, then one trial request decides whether it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from helixflow._proto import inference_pb2 as pb
+from helixflow._proto import inference_pb2_grpc as pb_grpc
+from helixflow.errors import ConfigError, NotFoundError, OverloadedError
+from helixflow.gateway.config import GatewayConfig
+
+__all__ = ["CircuitBreaker", "ModelRoute", "PoolBackend", "Registry", "UpstreamBackend"]
+
+log = logging.getLogger("helixflow.gateway")
+
+LOAD_INTERVAL_S = 1.0
+
+
+class CircuitBreaker:
+    """Closed → open after `failures` consecutive failures → half-open after `cooldown` s
+    (one trial at a time) → closed on a success."""
+
+    def __init__(self, failures: int = 3, cooldown: float = 5.0) -> None:
+        self.failures = failures
+        self.cooldown = cooldown
+        self._count = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        return "half-open" if time.monotonic() - self._opened_at >= self.cooldown else "open"
+
+    def allows(self) -> bool:
+        state = self.state
+        return state == "closed" or (state == "half-open" and not self._trial)
+
+    def begin(self) -> None:
+        if self.state == "half-open":
+            self._trial = True
+
+    def success(self) -> None:
+        self._count = 0
+        self._opened_at = None
+        self._trial = False
+
+    def failure(self) -> None:
+        self._count += 1
+        self._trial = False
+        if self._count >= self.failures or self._opened_at is not None:
+            if self._opened_at is None:
+                log.warning("circuit opened after %d failures", self._count)
+            self._opened_at = time.monotonic()
+
+
+class PoolBackend:
+    """One inference pool: a gRPC channel, its models and its last reported load."""
+
+    kind = "pool"
+
+    def __init__(self, target: str, *, tls_ca: str | None = None) -> None:
+        self.target = target
+        options = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.max_receive_message_length", 64 * 1024 * 1024)]  # fmt: skip
+        if tls_ca is None:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            try:
+                root = Path(tls_ca).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"tls_ca: cannot read {tls_ca} ({exc.strerror})") from None
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        self.stub: Any = pb_grpc.InferencePoolStub(self.channel)  # type: ignore[no-untyped-call]
+        self.breaker = CircuitBreaker()
+        self.models: dict[str, pb.ModelInfo] = {}
+        self.load: dict[str, pb.ModelLoad] = {}
+        self.draining = False
+        self.reachable = False
+        self.in_flight = 0
+
+    @property
+    def name(self) -> str:
+        return f"pool {self.target}"
+
+    def healthy(self) -> bool:
+        return self.reachable and not self.draining and self.breaker.allows()
+
+    def score(self, model: str) -> float:
+        """Lower is better: queued + running work, ours in flight, and KV-cache pressure."""
+        load = self.load.get(model)
+        base = 0.0 if load is None else load.waiting * 2 + load.running + 4 * load.kv_cache_usage
+        return base + self.in_flight
+
+    async def refresh(self) -> None:
+        """Ask the pool for its models and load (the health probe)."""
+        try:
+            models = await self.stub.ListModels(pb.ListModelsRequest(), timeout=2)
+            load = await self.stub.Load(pb.LoadRequest(), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            if self.reachable:
+                log.warning("%s unreachable: %s", self.name, exc.code().name)
+            self.reachable = False
+            return
+        if not self.reachable:
+            log.info("%s reachable: %s", self.name, ", ".join(m.id for m in models.models))
+        self.models = {m.id: m for m in models.models}
+        self.load = {m.model: m for m in load.models}
+        self.draining = load.draining
+        self.reachable = True
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class UpstreamBackend:
+    """An OpenAI-compatible API (``base_url`` like ``https://api.openai.com/v1``)."""
+
+    kind = "openai"
+
+    def __init__(self, base_url: str, api_key: str | None, *, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {} if not api_key else {"Authorization": f"Bearer {api_key}"}
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        )  # fmt: skip
+        self.breaker = CircuitBreaker()
+        self.in_flight = 0
+        self.reachable = True
+
+    @property
+    def name(self) -> str:
+        return f"upstream {self.base_url}"
+
+    def healthy(self) -> bool:
+        return self.breaker.allows()
+
+    def score(self, model: str) -> float:
+        return float(self.in_flight)
+
+    async def refresh(self) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, body: bytes) -> AsyncIterator[httpx.Response]:
+        """POST `body` to `path`; yields the response with its body not yet read."""
+        headers = {"content-type": "application/json"}
+        request = self.client.build_request("POST", path, content=body, headers=headers)
+        response = await self.client.send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def get(self, path: str) -> httpx.Response:
+        return await self.client.get(path)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+Backend = PoolBackend | UpstreamBackend
+
+
+class ModelRoute:
+    """A model id, its aliases and its backends (with each upstream's name for the model)."""
+
+    def __init__(self, model_id: str, kind: str = "chat") -> None:
+        self.id = model_id
+        self.kind = kind
+        self.backends: list[tuple[Backend, str]] = []
+        self.created = int(time.time())
+
+    def candidates(self, exclude: Sequence[Backend] = ()) -> list[tuple[Backend, str]]:
+        """Healthy backends not yet tried, least loaded first."""
+        live = [(b, name) for b, name in self.backends
+                if b not in exclude and b.healthy()
+                and (b.kind != "pool" or name in b.models)]  # type: ignore[union-attr]  # fmt: skip
+        return sorted(live, key=lambda pair: pair[0].score(pair[1]))
+
+
+class Registry:
+    """Model ids and aliases → routes; keeps the pools' health and load current."""
+
+    def __init__(self, config: GatewayConfig, env: dict[str, str]) -> None:
+        self.config = config
+        self._pools: dict[str, PoolBackend] = {}
+        self._upstreams: list[UpstreamBackend] = []
+        self.routes: dict[str, ModelRoute] = {}
+        self.aliases: dict[str, str] = {}
+        self._discover = not config.models
+        for url in config.pool_urls if self._discover else ():
+            self._pool(url, None)
+        for model in config.models:
+            route = self.routes.setdefault(model.id, ModelRoute(model.id))
+            for alias in model.aliases:
+                self.aliases[alias] = model.id
+            for backend in model.backends:
+                if backend.pool is not None:
+                    route.backends.append((self._pool(backend.pool, backend.tls_ca),
+                                           backend.model or model.id))  # fmt: skip
+                else:
+                    assert backend.openai is not None
+                    key = env.get(backend.api_key_env) if backend.api_key_env else None
+                    upstream = UpstreamBackend(backend.openai, key,
+                                               timeout=config.request_timeout)  # fmt: skip
+                    self._upstreams.append(upstream)
+                    route.backends.append((upstream, backend.model or model.id))
+        self._task: asyncio.Task[None] | None = None
+
+    def _pool(self, target: str, tls_ca: str | None) -> PoolBackend:
+        if target not in self._pools:
+            self._pools[target] = PoolBackend(target, tls_ca=tls_ca)
+        return self._pools[target]
+
+    @property
+    def backends(self) -> list[Backend]:
+        return [*self._pools.values(), *self._upstreams]
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._watch())
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(pool.refresh() for pool in self._pools.values()))
+        for pool in self._pools.values():
+            for info in pool.models.values():
+                if self._discover:
+                    route = self.routes.setdefault(info.id, ModelRoute(info.id, info.kind))
+                    if all(b is not pool for b, _ in route.backends):
+                        route.backends.append((pool, info.id))
+                known = self.routes.get(info.id) or self.routes.get(self.aliases.get(info.id, ""))
+                if known is not None:
+                    known.kind = info.kind or known.kind
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_INTERVAL_S)
+            try:
+                await self.refresh()
+            except Exception:  # a probe must never kill the watcher
+                log.exception("backend refresh failed")
+
+    def resolve(self, name: str) -> ModelRoute:
+        """The route of a model id or alias; NotFoundError in OpenAI's words."""
+        route = self.routes.get(name) or self.routes.get(self.aliases.get(name, ""))
+        if route is None:
+            raise NotFoundError(f"The model `{name}` does not exist or you do not have access "
+                                "to it.", param="model", code="model_not_found")  # fmt: skip
+        return route
+
+    def ready(self) -> dict[str, bool]:
+        """Per model: has it at least one healthy backend?"""
+        return {m: bool(r.candidates()) for m, r in self.routes.items()}
+
+    def pick(self, route: ModelRoute, exclude: Sequence[Backend] = ()) -> tuple[Backend, str]:
+        candidates = route.candidates(exclude)
+        if not candidates:
+            raise OverloadedError(f"no healthy backend for model {route.id!r}; retry later",
+                                  code="no_backend")  # fmt: skip
+        return candidates[0]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
