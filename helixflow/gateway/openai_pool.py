@@ -39,8 +39,8 @@ __all__ = [
 
 FINGERPRINT = "fp_helixflow"
 _PARAM = re.compile(r"^'([A-Za-z0-9_.\[\]]+)': ")
-_UNSUPPORTED_CHAT = ("audio", "functions", "function_call", "modalities", "prediction", "tools",
-                     "web_search_options")  # fmt: skip
+_UNSUPPORTED_CHAT = ("audio", "functions", "function_call", "modalities", "moderation",
+                     "prediction", "tools", "web_search_options")  # fmt: skip
 
 
 def new_id(prefix: str) -> str:

@@ -103,6 +103,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
     prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):

@@ -258,8 +258,8 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
         )  # fmt: skip
         for lp in out.logprobs:
             msg.logprobs.append(pb.TokenLogprob(
-                token_id=lp.token_id, logprob=lp.logprob, token=tok.id_to_token(lp.token_id) or "",
-                top=[pb.TopLogprob(token_id=t, logprob=v, token=tok.id_to_token(t) or "")
+                token_id=lp.token_id, logprob=lp.logprob, token=tok.token_text(lp.token_id),
+                top=[pb.TopLogprob(token_id=t, logprob=v, token=tok.token_text(t))
                      for t, v in lp.top],
             ))  # fmt: skip
         if out.request_finished:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 from auth_testing import Database
+from process_testing import free_port
 
 from helixflow.auth.client import AuthClient
 from helixflow.auth.principal import Principal
@@ -30,12 +29,6 @@ T = TypeVar("T")
 def ssl_context(ca: Path) -> ssl.SSLContext:
     """A client context that trusts only `ca`."""
     return ssl.create_default_context(cafile=str(ca))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class AuthProcess:
@@ -176,35 +169,3 @@ class Validator:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
-
-
-class RedisServer:
-    """A private ``redis-server`` on a free port (no persistence)."""
-
-    def __init__(self, directory: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)

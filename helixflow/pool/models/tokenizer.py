@@ -138,6 +138,16 @@ class Tokenizer:
         token: str | None = self.backend.id_to_token(token_id)
         return token
 
+    def token_text(self, token_id: int) -> str:
+        """The text one token stands for, as OpenAI's logprobs show it (" Paris", not the
+        byte-level spelling "ĠParis"); a token that is part of a multi-byte character decodes
+        to U+FFFD. Cached per token."""
+        cache: dict[int, str] = self.__dict__.setdefault("_token_texts", {})
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds BOS/CLS/SEP as the model expects."""
         ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
