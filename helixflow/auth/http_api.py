@@ -175,6 +175,9 @@ class SettlingHub(Protocol):
     relayed: int
 
     @property
+    def redis_connected(self) -> bool | None: ...
+
+    @property
     def subscribers(self) -> int: ...
 
     async def settle(self, timeout: float = 1.0) -> bool: ...
@@ -380,7 +383,8 @@ class AuthHttpApp:
         body: dict[str, Any] = {"status": "ok", "kid": self.core.current_kid,
                                 "revocations": len(self.core.revocations)}  # fmt: skip
         if self._hub is not None:
-            body.update(subscribers=self._hub.subscribers, relayed=self._hub.relayed)
+            body.update(subscribers=self._hub.subscribers, relayed=self._hub.relayed,
+                        redis=self._hub.redis_connected)  # fmt: skip
         return Response(200, body)
 
     async def jwks(self, request: Request) -> Response:

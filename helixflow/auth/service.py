@@ -226,6 +226,7 @@ class RevocationHub:
         self._subscribers: set[Subscriber] = set()
         self._origin = uuid.uuid4().hex
         self._redis: Any = None
+        self._redis_url: str | None = None
         self._acked = asyncio.Condition()
         self.seq = 0
         self.relayed = 0
@@ -295,6 +296,11 @@ class RevocationHub:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def redis_connected(self) -> bool | None:
+        """None without Redis; else whether the relay is subscribed right now."""
+        return None if not self._redis_url else self._redis is not None
+
     async def _publish(self, event: RevocationEvent | None) -> None:
         message = {"origin": self._origin}
         if event is None:
@@ -310,12 +316,20 @@ class RevocationHub:
         """Relay revocations between replicas over Redis until cancelled (reconnecting)."""
         import redis.asyncio as aioredis
 
+        self._redis_url = url
         delay = 0.5
         while True:
             client = aioredis.Redis.from_url(url, socket_connect_timeout=3)
             try:
                 pubsub = client.pubsub()
                 await pubsub.subscribe(REDIS_CHANNEL)
+                # Relayed from here on only once Redis confirmed the subscription.
+                for _ in range(3):
+                    confirmed = await pubsub.get_message(timeout=5.0)
+                    if confirmed is not None and confirmed.get("type") == "subscribe":
+                        break
+                else:
+                    raise ConnectionError("Redis did not confirm the subscription")
                 self._redis = client
                 log.info("revocations relayed over Redis channel %s", REDIS_CHANNEL)
                 delay = 0.5

@@ -437,13 +437,34 @@ class Gateway:
             return Stream(_guard(build(streams, usage), opened), cancel, admission.headers(),
                           finish)  # fmt: skip
         try:
-            body = await build(streams, usage)
+            body = await self._unless_disconnected(ctx, build(streams, usage))
         except grpc.aio.AioRpcError as exc:
             raise oai.pool_error(exc, opened[0][2].name) from None
         finally:
             cancel()
             await finish()
         return json_response(200, body, admission.headers())
+
+    async def _unless_disconnected(self, ctx: Ctx, work: Awaitable[Any]) -> Any:
+        """Await `work`; if the client disconnects first, cancel it (and its backend calls)."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected() -> None:
+            while (await ctx.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            self.metrics.disconnects.inc()
+            raise HttpError(499, "the client closed the request", "client_closed_request")
+        return task.result()
 
     async def chat(self, ctx: Ctx) -> Response | Stream:
         req: ChatCompletionRequest = self._decode(ctx, ChatCompletionRequest)

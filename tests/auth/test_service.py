@@ -25,7 +25,8 @@ import pytest
 from auth_testing import Database
 from conftest import provision
 from cryptography.hazmat.primitives import serialization
-from service_testing import AuthProcess, RedisServer, Validator
+from process_testing import RedisServer
+from service_testing import AuthProcess, Validator
 
 from helixflow._proto import auth_pb2 as pb
 from helixflow._proto import auth_pb2_grpc as pb_grpc
@@ -536,7 +537,11 @@ def test_revocations_reach_every_replica_over_redis(tmp_path: Path) -> None:
             replica = AuthProcess(database, service.master_key, tmp_path, env=env)
             far = Validator(replica.grpc_target)  # a gateway that talks to the other replica
             try:
-                time.sleep(0.5)  # both replicas subscribed to Redis
+                deadline = time.monotonic() + 10
+                while not all(a.http("GET", "/health").json()["redis"]
+                              for a in (service.auth, replica)):  # fmt: skip
+                    assert time.monotonic() < deadline, "the replicas never subscribed to Redis"
+                    time.sleep(0.05)
                 delays = []
                 for _ in range(10):
                     token = service.auth.login("alice", PASSWORD)["access_token"]

@@ -241,6 +241,17 @@ def test_disconnect_mid_stream_frees_the_pool(stack: Stack, port: int, key: str)
         time.sleep(0.05)
 
 
+def test_a_client_that_gives_up_on_a_whole_response_frees_the_pool(stack: Stack, port: int,
+                                                                   key: str) -> None:  # fmt: skip
+    body = {"model": CHAT, "messages": QUESTION, "max_tokens": 900, "ignore_eos": True}
+    with stack.http(port, key) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while (load := stack.pool_load()[CHAT]).running or load.kv_cache_usage:
+        assert time.monotonic() < deadline, f"the pool still works for a gone client: {load}"
+        time.sleep(0.05)
+
+
 def test_revoked_key_fails_on_the_next_request(stack: Stack, port: int) -> None:
     made = stack.admin("create-key", "root")
     client = stack.openai(port, made["key"])
