@@ -300,7 +300,7 @@ def test_a_remembered_token_still_expires(service: Service) -> None:
         token = service.auth.login("alice", PASSWORD)["access_token"]
         assert validator.authenticate(token)  # verified once, then remembered
         assert validator.authenticate(token)
-        clock.advance(900 + 30)  # exp + leeway
+        clock.advance(900 + 30 + 2)  # past exp + leeway (iat is whole seconds, after t0)
         with pytest.raises(InvalidTokenError) as caught:
             validator.authenticate(token)
         assert caught.value.reason == "expired"
