@@ -8,8 +8,8 @@ Method:
   the model's backend; every request carries an API key with RPM/TPM limits (high enough never
   to trip), so authentication and rate limiting run on every request; plain HTTP, and a second
   gateway over TLS 1.3;
-- LiteLLM: `litellm --config ... --num_workers 1` (no database) with the same upstream, plain
-  HTTP; skipped unless `--litellm` names its executable;
+- LiteLLM: `litellm --config ... --num_workers 1` (no database; its master key checked on every
+  request) with the same upstream, plain HTTP; skipped unless `--litellm` names its executable;
 - load: this process, a lean HTTP/1.1 keep-alive client on uvloop, `C` connections each
   sending requests back to back for `--duration` seconds (after a warm-up), for C in
   `--concurrency`; reported: requests/s, p50 and p99 latency per target, and against the direct
@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import ssl
@@ -375,6 +376,7 @@ def main() -> int:
                 f"      model: openai/bench-model\n      api_base: http://127.0.0.1:{upstream}/v1\n"
                 "      api_key: none\n"
             )
+            litellm_key = "sk-" + secrets.token_hex(16)  # LiteLLM checks its master key
             start(
                 [
                     args.litellm,
@@ -385,12 +387,14 @@ def main() -> int:
                     "--num_workers",
                     "1",
                 ],
-                env,
+                {**env, "LITELLM_MASTER_KEY": litellm_key},
                 "litellm",
                 litellm_port,
             )
             time.sleep(2.0)
-            targets.append(("litellm proxy", litellm_port, "/v1/chat/completions", None, None))
+            targets.append(
+                ("litellm proxy", litellm_port, "/v1/chat/completions", litellm_key, None)
+            )
 
         print(
             f"# bench_gateway {datetime.date.today()}: {platform.processor() or 'cpu'}, "

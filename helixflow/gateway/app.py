@@ -15,11 +15,12 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import logging
 import re
+import secrets
 import struct
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
@@ -50,6 +51,7 @@ from helixflow.gateway.schemas import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from helixflow.gateway.upstream_http import UpstreamError, UpstreamResponse
 
 __all__ = ["Gateway", "HttpError"]
 
@@ -191,7 +193,7 @@ class Gateway:
             return
         started = time.perf_counter()
         given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else _new_request_id()
         ctx = Ctx(scope, receive, request_id)
         try:
             result = await self._handle(ctx)
@@ -321,7 +323,8 @@ class Gateway:
                     return
 
         try:
-            await asyncio.wait_for(read(), self.config.body_timeout)
+            async with asyncio.timeout(self.config.body_timeout):
+                await read()
         except TimeoutError:
             message = f"the request body did not arrive within {self.config.body_timeout:g}s"
             raise HttpError(408, message, "request_timeout") from None
@@ -621,48 +624,44 @@ class Gateway:
     async def _upstream(self, ctx: Ctx, route: ModelRoute, path: str,
                         stream: bool | None) -> Response | Stream:  # fmt: skip
         backend, name = self.registry.pick(route)
-        assert isinstance(backend, UpstreamBackend)
+        assert isinstance(backend, UpstreamBackend) and self.limiter is not None
         body = msgspec.json.decode(ctx.body)
         body["model"] = name
         admission = await self._admit(ctx, DEFAULT_RESERVE_TOKENS)
-        manager = backend.stream(path, msgspec.json.encode(body))
         backend.in_flight += 1
         try:
-            response = await manager.__aenter__()
-        except Exception as exc:
+            response = await backend.post(path, msgspec.json.encode(body))
+        except (UpstreamError, TimeoutError) as exc:
             backend.in_flight -= 1
             backend.breaker.failure()
-            assert self.limiter is not None
             await self.limiter.settle(admission, 0)
-            raise OverloadedError(f"{backend.name} is unavailable ({type(exc).__name__})",
+            raise OverloadedError(f"{backend.name} is unavailable ({exc})",
                                   code="backend_unavailable") from None  # fmt: skip
-
-        async def finish(used: int = DEFAULT_RESERVE_TOKENS) -> None:
-            backend.in_flight -= 1
-            await manager.__aexit__(None, None, None)
-            assert self.limiter is not None
-            await self.limiter.settle(admission, used)
-
-        if response.status_code >= 500:
+        if response.status >= 500:
             backend.breaker.failure()
         else:
             backend.breaker.success()
-        if stream and response.status_code == 200:
-            task: list[Any] = []
 
-            def cancel() -> None:
-                for t in task:
-                    t.cancel()
+        async def finish(used: int = DEFAULT_RESERVE_TOKENS) -> None:
+            backend.in_flight -= 1
+            response.close()
+            assert self.limiter is not None
+            await self.limiter.settle(admission, used)
 
-            return Stream(response.aiter_raw(), cancel, admission.headers(), finish)
+        if stream and response.status == 200:
+            return Stream(_upstream_chunks(response, backend.name), lambda: None,
+                          admission.headers(), finish)  # fmt: skip
         try:
-            content = await response.aread()
-        finally:
-            used = DEFAULT_RESERVE_TOKENS
-            with contextlib.suppress(Exception):
-                used = int(msgspec.json.decode(content)["usage"]["total_tokens"])
-            await finish(used)
-        status = response.status_code if response.status_code < 500 else 502
+            content = await response.read()
+        except (UpstreamError, TimeoutError) as exc:
+            await finish(0)
+            raise OverloadedError(f"{backend.name} broke off its answer ({exc})",
+                                  code="backend_unavailable") from None  # fmt: skip
+        used = DEFAULT_RESERVE_TOKENS
+        with contextlib.suppress(Exception):
+            used = int(msgspec.json.decode(content)["usage"]["total_tokens"])
+        await finish(used)
+        status = response.status if response.status < 500 else 502
         return Response(status, content, [_JSON, *admission.headers()])
 
     # -- operations --------------------------------------------------------------------------
@@ -687,10 +686,30 @@ class Gateway:
         return json_response(200, document())
 
 
+async def _upstream_chunks(response: UpstreamResponse, name: str) -> AsyncIterator[bytes]:
+    """An upstream's SSE body as it arrives; a broken upstream ends the stream with an error."""
+    try:
+        async for chunk in response.chunks():
+            yield chunk
+    except (UpstreamError, TimeoutError) as exc:
+        raise OverloadedError(f"{name} broke off its stream ({exc})",
+                              code="backend_unavailable") from None  # fmt: skip
+
+
+_ID_PREFIX = secrets.token_hex(6)  # per process: ids stay unique across workers and restarts
+_REQUESTS = itertools.count(1)
+_POOL_CALLS = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """A unique request id without a syscall (uuid4 reads os.urandom on every call)."""
+    return f"{_ID_PREFIX}{next(_REQUESTS):010x}"
+
+
 def _pool_id(ctx: Ctx) -> str:
     """A request id for the pool: the client's x-request-id (for tracing) made unique (a
     client may reuse one, and one request may make several pool calls)."""
-    return f"{ctx.request_id}.{uuid.uuid4().hex[:8]}"
+    return f"{ctx.request_id}.{next(_POOL_CALLS):x}"
 
 
 def _renamed(request: pb.GenerateRequest, name: str) -> pb.GenerateRequest:

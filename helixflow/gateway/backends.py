@@ -13,17 +13,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 
 from helixflow._proto import inference_pb2 as pb
 from helixflow._proto import inference_pb2_grpc as pb_grpc
 from helixflow.errors import ConfigError, NotFoundError, OverloadedError
 from helixflow.gateway.config import GatewayConfig
+from helixflow.gateway.upstream_http import UpstreamClient, UpstreamResponse
 
 __all__ = ["CircuitBreaker", "ModelRoute", "PoolBackend", "Registry", "UpstreamBackend"]
 
@@ -138,12 +138,8 @@ class UpstreamBackend:
 
     def __init__(self, base_url: str, api_key: str | None, *, timeout: float) -> None:
         self.base_url = base_url.rstrip("/")
-        headers = {} if not api_key else {"Authorization": f"Bearer {api_key}"}
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers,
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-        )  # fmt: skip
+        headers = {} if not api_key else {"authorization": f"Bearer {api_key}"}
+        self.client = UpstreamClient(self.base_url, headers=headers, timeout=timeout)
         self.breaker = CircuitBreaker()
         self.in_flight = 0
         self.reachable = True
@@ -161,19 +157,9 @@ class UpstreamBackend:
     async def refresh(self) -> None:
         return None
 
-    @contextlib.asynccontextmanager
-    async def stream(self, path: str, body: bytes) -> AsyncIterator[httpx.Response]:
-        """POST `body` to `path`; yields the response with its body not yet read."""
-        headers = {"content-type": "application/json"}
-        request = self.client.build_request("POST", path, content=body, headers=headers)
-        response = await self.client.send(request, stream=True)
-        try:
-            yield response
-        finally:
-            await response.aclose()
-
-    async def get(self, path: str) -> httpx.Response:
-        return await self.client.get(path)
+    async def post(self, path: str, body: bytes) -> UpstreamResponse:
+        """POST JSON `body` to `path`; the response's body is not read yet (close it)."""
+        return await self.client.request("POST", path, body)
 
     async def close(self) -> None:
         await self.client.aclose()

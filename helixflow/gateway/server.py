@@ -37,6 +37,12 @@ def create_app() -> Gateway:
         raise ConfigError(f"{CONFIG_ENV} is not set: start the gateway with `helixflow gateway`")
     config = msgspec.json.decode(text, type=GatewayConfig)
     configure_logging(config.log_format)
+    # NOTE: the formats use no caller, thread or process fields; skipping their lookup saves
+    # a stack walk per log line (one access line per request).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     return Gateway(config, dict(os.environ))
 
 
