@@ -40,6 +40,7 @@ from helixflow.errors import (
     UpstreamTimeoutError,
 )
 from helixflow.gateway import openai_pool as oai
+from helixflow.gateway.accesslog import AccessLog
 from helixflow.gateway.backends import ModelRoute, PoolBackend, Registry, UpstreamBackend
 from helixflow.gateway.config import GatewayConfig
 from helixflow.gateway.metrics import GatewayMetrics
@@ -146,6 +147,8 @@ class Gateway:
         self.auth = auth
         self.limiter = limiter
         self.metrics = GatewayMetrics()
+        self.access = AccessLog(config.log_format)
+        self._access_task: asyncio.Task[None] | None = None
         self.draining = False
         self.routes: dict[tuple[str, str], Callable[[Ctx], Awaitable[Response | Stream]]] = {
             ("GET", "/health"): self.health,
@@ -175,8 +178,13 @@ class Gateway:
         if self.limiter is None:
             self.limiter = make_rate_limiter(self.config.redis_url)
         await self.registry.start()
+        self._access_task = asyncio.create_task(self.access.run())
 
     async def shutdown(self) -> None:
+        if self._access_task is not None:
+            self._access_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._access_task
         await self.registry.close()
         if self.auth is not None:
             await self.auth.close()
@@ -214,9 +222,8 @@ class Gateway:
         elapsed = time.perf_counter() - started
         self.metrics.observe(ctx.path if (ctx.method, ctx.path) in self.routes else "other",
                              ctx.status, elapsed)  # fmt: skip
-        log.info("%s %s %d %.1fms model=%s user=%s id=%s", ctx.method, ctx.path, ctx.status,
-                 elapsed * 1e3, ctx.model,
-                 ctx.principal.user_id if ctx.principal else "-", request_id)  # fmt: skip
+        self.access.record(ctx.method, ctx.path[:200], ctx.status, elapsed * 1e3, ctx.model,
+                           ctx.principal.user_id if ctx.principal else "-", request_id)  # fmt: skip
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -625,12 +632,15 @@ class Gateway:
                         stream: bool | None) -> Response | Stream:  # fmt: skip
         backend, name = self.registry.pick(route)
         assert isinstance(backend, UpstreamBackend) and self.limiter is not None
-        body = msgspec.json.decode(ctx.body)
-        body["model"] = name
+        payload = ctx.body
+        if name != ctx.model:  # the upstream calls the model otherwise: rename it
+            body = msgspec.json.decode(ctx.body)
+            body["model"] = name
+            payload = msgspec.json.encode(body)
         admission = await self._admit(ctx, DEFAULT_RESERVE_TOKENS)
         backend.in_flight += 1
         try:
-            response = await backend.post(path, msgspec.json.encode(body))
+            response = await backend.post(path, payload)
         except (UpstreamError, TimeoutError) as exc:
             backend.in_flight -= 1
             backend.breaker.failure()

@@ -7,7 +7,7 @@ one of them; run one worker per gateway process (and more processes) when exact 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -26,6 +26,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.requests = Counter("helixflow_gateway_requests_total", "HTTP requests answered",
                                 ["route", "status"], registry=self.registry)  # fmt: skip
         self.latency = Histogram("helixflow_gateway_request_seconds",
@@ -47,8 +48,13 @@ class GatewayMetrics:
                                        ["backend"], registry=self.registry)  # fmt: skip
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost more than the increments: cache them
+            children = self._children[key] = (self.requests.labels(route, str(status)),
+                                              self.latency.labels(route))  # fmt: skip
+        children[0].inc()
+        children[1].observe(seconds)
 
     def tokens(self, model: str, prompt: int, completion: int) -> None:
         if prompt:

@@ -269,6 +269,8 @@ def test_revoked_key_fails_on_the_next_request(stack: Stack, port: int) -> None:
 
 
 def test_operations_endpoints(stack: Stack, port: int, key: str) -> None:
+    chat = {"model": CHAT, "messages": QUESTION, "max_tokens": 2}
+    assert stack.http(port, key).post("/v1/chat/completions", json=chat).status_code == 200
     http = stack.http(port)
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/ready").json()
@@ -278,6 +280,12 @@ def test_operations_endpoints(stack: Stack, port: int, key: str) -> None:
     assert "helixflow_gateway_backend_healthy" in metrics
     reply = stack.http(port, key).get("/v1/models", headers={"x-request-id": "trace-me-1"})
     assert reply.headers["x-request-id"] == "trace-me-1"
+    deadline = time.monotonic() + 5  # the access log is written in batches
+    while "GET /v1/models 200" not in (log := stack.gateways[0][0].log.read_text()) or (
+        "[trace-me-1]" not in log
+    ):
+        assert time.monotonic() < deadline, "no access line with the request id"
+        time.sleep(0.05)
     spec = http.get("/openapi.json").json()
     assert "/v1/chat/completions" in spec["paths"]
 
