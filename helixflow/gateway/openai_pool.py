@@ -190,6 +190,15 @@ class ChoiceAccumulator:
         self.logprobs: list[Any] = []
         self.finish_reason: str | None = None
 
+    def add(self, message: Any, usage: Usage) -> None:
+        """Take one pool message of this choice (and the request's usage, if it has it)."""
+        self.text.append(message.text)
+        self.logprobs.extend(message.logprobs)
+        if message.finished:
+            self.finish_reason = message.finish_reason or "stop"
+        if message.HasField("usage"):
+            usage.add(message.usage)
+
 
 def completion_logprobs(items: list[Any], offset: int) -> dict[str, Any]:
     """Legacy completions' logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
@@ -262,13 +271,7 @@ async def chat_response(stream: AsyncIterator[Any], *, model: str, usage: Usage,
     """The ChatCompletion object of a non-streamed request."""
     choices: dict[int, ChoiceAccumulator] = {}
     async for message in stream:
-        acc = choices.setdefault(message.index, ChoiceAccumulator())
-        acc.text.append(message.text)
-        acc.logprobs.extend(message.logprobs)
-        if message.finished:
-            acc.finish_reason = message.finish_reason or "stop"
-        if message.HasField("usage"):
-            usage.add(message.usage)
+        choices.setdefault(message.index, ChoiceAccumulator()).add(message, usage)
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
         "model": model, "system_fingerprint": FINGERPRINT,
@@ -352,13 +355,7 @@ async def completion_response(streams: list[AsyncIterator[Any]], *, n: int, mode
     """The Completion object of a non-streamed text completion."""
     choices: dict[int, ChoiceAccumulator] = {}
     async for number, message in merge(streams):
-        acc = choices.setdefault(number * n + message.index, ChoiceAccumulator())
-        acc.text.append(message.text)
-        acc.logprobs.extend(message.logprobs)
-        if message.finished:
-            acc.finish_reason = message.finish_reason or "stop"
-        if message.HasField("usage"):
-            usage.add(message.usage)
+        choices.setdefault(number * n + message.index, ChoiceAccumulator()).add(message, usage)
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
         "model": model, "system_fingerprint": FINGERPRINT,

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,6 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
+from process_testing import RedisServer
 
 from helixflow.errors import RateLimitError
 from helixflow.gateway.ratelimit import (
@@ -30,7 +27,6 @@ from helixflow.gateway.ratelimit import (
 )
 
 T = TypeVar("T")
-REDIS_SERVER = "/usr/bin/redis-server"
 
 
 class FakeClock:
@@ -46,42 +42,11 @@ class FakeClock:
         self.now += seconds
 
 
-class RedisServer:
-    """A private ``redis-server`` on a free port, without persistence."""
-
-    def __init__(self, directory: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise
-                time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def start_redis(directory: Path) -> RedisServer:
-    if not shutil.which(REDIS_SERVER):
-        pytest.skip(f"{REDIS_SERVER} is not installed")
-    return RedisServer(directory)
+    try:
+        return RedisServer(directory)
+    except RuntimeError as exc:  # no redis-server binary
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
