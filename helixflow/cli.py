@@ -6,6 +6,8 @@ Subcommands:
     pool    run the inference pool's gRPC service (models loaded, pulled on first use)
     auth    run the auth service (gRPC for gateways, HTTP for people and tools)
     gateway run the OpenAI-compatible HTTPS gateway (auth, rate limits, routing)
+    serve   run the whole platform on this machine (supervised; first start sets it up)
+    certs   make the local CA and the services' TLS certificate
     admin   manage users, API keys, revocations and signing keys on the auth database
 
 ``helixflow serve`` and the other services arrive with later issues.
@@ -241,6 +243,49 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    from pathlib import Path
+
+    from helixflow.errors import HelixFlowError
+    from helixflow.serve import ServeOptions, data_dir_default, run_serve
+
+    def port(flag: int | None, name: str, default: int) -> int:
+        if flag is not None:
+            return flag
+        text = os.environ.get(name)
+        return int(text) if text and text.isdigit() else default
+
+    opts = ServeOptions(
+        host=args.host, port=port(args.port, "PORT", 8443),
+        pool_port=args.pool_port, auth_port=args.auth_port, auth_http_port=args.auth_http_port,
+        data_dir=Path(args.data_dir) if args.data_dir else data_dir_default(os.environ),
+        models=args.models, embedding_models=args.embedding_models,
+        pool_args=[*(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
+                   *(["--device", args.device] if args.device else [])],
+    )  # fmt: skip
+    try:
+        return asyncio.run(run_serve(opts, dict(os.environ)))
+    except (HelixFlowError, OSError) as exc:
+        message = exc.message if isinstance(exc, HelixFlowError) else str(exc)
+        print(f"helixflow serve: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from helixflow.certs import ensure_certs
+    from helixflow.serve import data_dir_default
+
+    directory = Path(args.dir) if args.dir else data_dir_default(os.environ) / "certs"
+    paths = ensure_certs(directory, args.hosts or (), force=args.force)
+    print(f"CA: {paths.ca}\ncertificate: {paths.server}\nkey: {paths.server_key} (0600)")
+    return 0
+
+
 def _cmd_admin(args: argparse.Namespace) -> int:
     import os
 
@@ -317,6 +362,34 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_arguments(gateway)
     gateway.set_defaults(handler=_cmd_gateway)
+    serve = commands.add_parser(
+        "serve",
+        help="run auth, the pool and the gateway on this machine (HTTPS :8443)",
+        description="Start every service as a supervised child (restarted when it dies; "
+        "SIGINT/SIGTERM drain and stop them). The first start makes the TLS certificates, the "
+        "auth database, an admin user and an API key, and prints how to call the API.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gateway HTTPS port (default: $PORT or 8443)")
+    serve.add_argument("--pool-port", type=int, default=50051, help="pool gRPC port")
+    serve.add_argument("--auth-port", type=int, default=8081, help="auth gRPC port")
+    serve.add_argument("--auth-http-port", type=int, default=8082, help="auth HTTP port")
+    serve.add_argument("--data-dir", help="certificates, database, state (default: "
+                       "$HELIXFLOW_HOME/serve)")  # fmt: skip
+    serve.add_argument("--model", action="append", dest="models", metavar="NAME|PATH",
+                       help="chat model (repeatable; default SmolLM2-135M-Instruct)")  # fmt: skip
+    serve.add_argument("--embedding-model", action="append", dest="embedding_models",
+                       metavar="NAME|PATH",
+                       help="embedding model (default all-MiniLM-L6-v2)")  # fmt: skip
+    serve.add_argument("--max-model-len", type=int, help="the pool's context length cap")
+    serve.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
+    serve.set_defaults(handler=_cmd_serve)
+    certs = commands.add_parser("certs", help="make the local CA and the TLS certificate")
+    certs.add_argument("--dir", help="where (default: $HELIXFLOW_HOME/serve/certs)")
+    certs.add_argument("--host", action="append", dest="hosts", metavar="NAME|IP",
+                       help="another name the certificate must cover (repeatable)")  # fmt: skip
+    certs.add_argument("--force", action="store_true", help="make new ones even if valid")
+    certs.set_defaults(handler=_cmd_certs)
     from helixflow.auth.admin import add_admin_arguments
 
     admin = commands.add_parser(
