@@ -42,7 +42,7 @@ __all__ = ["AuthClient"]
 
 log = logging.getLogger("helixflow.auth.client")
 
-_JWKS_REFRESH_MIN_S: Final = 5.0
+_JWKS_REFRESH_MIN_S: Final = 1.0
 _RPC_TIMEOUT_S: Final = 3.0
 
 
@@ -99,6 +99,7 @@ class AuthClient:
         self._stub: Any = None
         self._watch: asyncio.Task[None] | None = None
         self._jwks_fetched = 0.0
+        self._jwks_inflight: asyncio.Future[None] | None = None
         self._synced = asyncio.Event()
         self._last_message = 0.0  # monotonic time of the stream's last message
         self.on_revocation: Callable[[RevocationEvent], None] | None = None
@@ -213,18 +214,28 @@ class AuthClient:
         return self._keys.public_key(kid)
 
     async def refresh_jwks(self, *, force: bool = False) -> bool:
-        """Fetch the JWKS (at most every 5 s unless forced); True if it was fetched."""
+        """Fetch the JWKS (at most once a second unless forced; a fetch already in flight is
+        awaited, not repeated); True if keys were fetched."""
+        if self._jwks_inflight is not None:
+            await asyncio.shield(self._jwks_inflight)
+            return True
         if not force and time.monotonic() - self._jwks_fetched < _JWKS_REFRESH_MIN_S:
             return False
         self._jwks_fetched = time.monotonic()
+        self._jwks_inflight = asyncio.ensure_future(self._fetch_jwks())
+        try:
+            await asyncio.shield(self._jwks_inflight)
+        finally:
+            self._jwks_inflight = None
+        return True
+
+    async def _fetch_jwks(self) -> None:
         try:
             reply = await self._stub.GetJwks(pb.GetJwksRequest(), timeout=_RPC_TIMEOUT_S)
-            self._keys = JwksKeySet.from_jwks(json.loads(reply.json))
         except grpc.aio.AioRpcError as exc:
-            raise OverloadedError("the auth service is unavailable", code="auth_unavailable") from (
-                exc
-            )
-        return True
+            raise OverloadedError("the auth service is unavailable",
+                                  code="auth_unavailable") from exc  # fmt: skip
+        self._keys = JwksKeySet.from_jwks(json.loads(reply.json))
 
     # -- validation --------------------------------------------------------------------------
 
