@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 import grpc
@@ -61,6 +61,33 @@ def _principal(message: Any, kind: str) -> Principal:
         expires_at=message.expires_at or None,
         issued_at=message.issued_at,
     )
+
+
+class _Outbox:
+    """The request side of the revocation stream: subscriber name, then acks.
+
+    NOTE: a class, not an async generator: grpc keeps iterating it in a task of its own, and an
+    async generator left suspended there is finalised by the garbage collector after its loop
+    has closed (an error raised into whatever runs then); `close` ends the iteration instead.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[pb.WatchRevocationsRequest | None] = asyncio.Queue()
+
+    def __aiter__(self) -> _Outbox:
+        return self
+
+    async def __anext__(self) -> pb.WatchRevocationsRequest:
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    def put(self, request: pb.WatchRevocationsRequest) -> None:
+        self._queue.put_nowait(request)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
 
 
 class AuthClient:
@@ -133,6 +160,7 @@ class AuthClient:
                 await self._watch
         if self._channel is not None:
             await self._channel.close()
+        await asyncio.sleep(0)  # let grpc's request reader see the closed outbox and end
 
     @property
     def stream_healthy(self) -> bool:
@@ -144,15 +172,11 @@ class AuthClient:
     async def _watch_revocations(self) -> None:
         delay = 0.1
         while True:
-            outbox: asyncio.Queue[pb.WatchRevocationsRequest] = asyncio.Queue()
-            outbox.put_nowait(pb.WatchRevocationsRequest(subscriber=self.name))
-
-            async def requests(outbox: asyncio.Queue[Any] = outbox) -> AsyncIterator[Any]:
-                while True:
-                    yield await outbox.get()
-
+            outbox = _Outbox()
+            outbox.put(pb.WatchRevocationsRequest(subscriber=self.name))
+            call = None
             try:
-                call = self._stub.WatchRevocations(requests())
+                call = self._stub.WatchRevocations(outbox)
                 self.stream_connects += 1
                 async for message in call:
                     self._last_message = time.monotonic()
@@ -172,7 +196,7 @@ class AuthClient:
                     elif message.type == pb.RevocationEvent.KEYS_ROTATED:
                         asyncio.get_running_loop().create_task(self._refresh_quietly())
                     if message.seq:  # applied: the auth service may now answer the revoker
-                        outbox.put_nowait(pb.WatchRevocationsRequest(ack=message.seq))
+                        outbox.put(pb.WatchRevocationsRequest(ack=message.seq))
                 log.warning("revocation stream ended; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -181,6 +205,10 @@ class AuthClient:
                             exc.code().name, delay)  # fmt: skip
             except Exception:  # a malformed event must not kill the watcher for good
                 log.exception("revocation stream failed; retrying in %.1fs", delay)
+            finally:
+                outbox.close()  # ends grpc's reader of our requests (no task left waiting)
+                if call is not None:
+                    call.cancel()
             self._synced.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
