@@ -25,7 +25,6 @@ pool that has it.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,8 +143,3 @@ def load_config(
             if backend.api_key_env and backend.api_key_env not in env:
                 raise ConfigError(f"config: model {model.id!r}: {backend.api_key_env} is not set")
     return config
-
-
-def environment() -> dict[str, str]:
-    """The process environment (a seam for tests)."""
-    return dict(os.environ)
