@@ -243,6 +243,37 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         return 1
 
 
+def _add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, help="gRPC port (default: $PORT or 8083)")
+    parser.add_argument("--http-port", type=int, help="HTTP port (default: $HTTP_PORT or 8084)")
+    parser.add_argument("--auth-url", help="auth HTTP (default: $AUTH_SERVICE_URL or "
+                        "http://127.0.0.1:8082; empty: not monitored)")  # fmt: skip
+    parser.add_argument("--pool", metavar="HOST:PORT", help="pool gRPC (default: $INFERENCE_"
+                        "POOL_URL or 127.0.0.1:50051; empty: not monitored)")  # fmt: skip
+    parser.add_argument("--pool-metrics-url", help="pool metrics (default: $POOL_METRICS_URL or "
+                        "http://HOST:PORT+1/metrics)")  # fmt: skip
+    parser.add_argument("--gateway-url", help="gateway (default: $GATEWAY_URL or "
+                        "https://127.0.0.1:8443; empty: not monitored)")  # fmt: skip
+    parser.add_argument("--ca", metavar="PEM", help="CA bundle that verifies the services' "
+                        "certificates (default: $HELIXFLOW_CA, else the system's)")  # fmt: skip
+    parser.add_argument("--interval", type=float, metavar="SECONDS",
+                        help="poll every SECONDS (default 1)")  # fmt: skip
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS (default: $TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key (default: $TLS_KEY)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    import os
+
+    from helixflow.logs import configure_logging
+    from helixflow.monitoring.service import options_from_env, serve
+
+    configure_logging(args.log_format)
+    return _run_service("monitor", lambda: serve(options_from_env(args, os.environ)))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -260,6 +291,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         host=args.host, port=port(args.port, "PORT", 8443),
         pool_port=args.pool_port, auth_port=args.auth_port, auth_http_port=args.auth_http_port,
+        monitor_port=args.monitor_port, monitor_http_port=args.monitor_http_port,
         data_dir=Path(args.data_dir) if args.data_dir else data_dir_default(os.environ),
         models=args.models, embedding_models=args.embedding_models,
         pool_args=[*(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
@@ -362,9 +394,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_arguments(gateway)
     gateway.set_defaults(handler=_cmd_gateway)
+    monitor = commands.add_parser(
+        "monitor",
+        help="run monitoring (gRPC :8083, HTTP :8084: health, status page, dashboards)",
+        description="Poll every service's health and Prometheus metrics once a second; serve "
+        "the aggregated health (gRPC, and GET /health: 503 while any service is down), a live "
+        "status page at /, a Prometheus scrape config (/prometheus.yml) and a Grafana "
+        "dashboard (/grafana.json).",
+    )
+    _add_monitor_arguments(monitor)
+    monitor.set_defaults(handler=_cmd_monitor)
     serve = commands.add_parser(
         "serve",
-        help="run auth, the pool and the gateway on this machine (HTTPS :8443)",
+        help="run auth, the pool, the gateway and monitoring on this machine (HTTPS :8443)",
         description="Start every service as a supervised child (restarted when it dies; "
         "SIGINT/SIGTERM drain and stop them). The first start makes the TLS certificates, the "
         "auth database, an admin user and an API key, and prints how to call the API.",
@@ -374,6 +416,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool-port", type=int, default=50051, help="pool gRPC port")
     serve.add_argument("--auth-port", type=int, default=8081, help="auth gRPC port")
     serve.add_argument("--auth-http-port", type=int, default=8082, help="auth HTTP port")
+    serve.add_argument("--monitor-port", type=int, default=8083, help="monitoring gRPC port")
+    serve.add_argument("--monitor-http-port", type=int, default=8084,
+                       help="monitoring HTTP port (the status page)")  # fmt: skip
     serve.add_argument("--data-dir", help="certificates, database, state (default: "
                        "$HELIXFLOW_HOME/serve)")  # fmt: skip
     serve.add_argument("--model", action="append", dest="models", metavar="NAME|PATH",

@@ -1,15 +1,16 @@
 """``helixflow serve``: the whole platform on one machine, as supervised child processes.
 
-Auth (SQLite), the inference pool (SmolLM2-135M-Instruct + all-MiniLM-L6-v2 by default) and
-the gateway (HTTPS) start in that order, each as ``python -m helixflow <service>``; their output
-is relayed line by line with a ``[service]`` prefix. A child that dies is restarted with a
-doubling back-off (1 s up to 30 s; reset after a minute of health). SIGINT/SIGTERM stop the
-gateway first, then the pool and auth, each with SIGTERM (they drain) and SIGKILL after a
-grace period.
+Monitoring, auth (SQLite), the inference pool (SmolLM2-135M-Instruct + all-MiniLM-L6-v2 by
+default) and the gateway (HTTPS) start in that order, each as ``python -m helixflow <service>``;
+their output is relayed line by line with a ``[service]`` prefix. A child that dies is
+restarted with a doubling back-off (1 s up to 30 s; reset after a minute of health).
+SIGINT/SIGTERM stop them in the reverse order (the gateway first), each with SIGTERM (they
+drain) and SIGKILL after a grace period.
 
 First start: certificates (`helixflow.certs`), the auth database with its master key, an admin
 user with a random password and one API key, printed once with a curl and an openai-SDK
-example. ``state.json`` in the data directory names the children's pids.
+example. Missing known models are pulled first, with a progress bar on a terminal.
+``state.json`` in the data directory names the children's pids.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class ServeOptions:
     """The ports, paths and models of one `serve` (flags, else env, else defaults)."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 8443, pool_port: int = 50051,
-                 auth_port: int = 8081, auth_http_port: int = 8082, data_dir: Path,
+                 auth_port: int = 8081, auth_http_port: int = 8082, monitor_port: int = 8083,
+                 monitor_http_port: int = 8084, data_dir: Path,
                  models: list[str] | None = None, embedding_models: list[str] | None = None,
                  pool_args: list[str] | None = None) -> None:  # fmt: skip
         self.host = host
@@ -44,6 +46,8 @@ class ServeOptions:
         self.pool_port = pool_port
         self.auth_port = auth_port
         self.auth_http_port = auth_http_port
+        self.monitor_port = monitor_port
+        self.monitor_http_port = monitor_http_port
         self.data_dir = data_dir
         self.models = models or []
         self.embedding_models = embedding_models or []
@@ -215,8 +219,10 @@ def _banner(opts: ServeOptions, ca: Path, made: tuple[str, str] | None, model: s
         password, key = made
         who = (f"admin user: admin / {password}   (shown once)\n"
                f"API key:    {key}   (shown once; the store keeps only its hash)")  # fmt: skip
+    status = f"http://127.0.0.1:{opts.monitor_http_port}/"
     return f"""
 HelixFlow is up: {url}  (CA certificate: {ca})
+status page: {status}
 {who}
 
 curl {url}/v1/chat/completions --cacert {ca} \\
@@ -245,14 +251,23 @@ async def run_serve(opts: ServeOptions, env: dict[str, str]) -> int:
     certs = ensure_certs(data / "certs")
     database = data / "auth.db"
     env = {**env, "DATABASE_TYPE": "sqlite", "DATABASE_PATH": str(database)}
-    env.pop("PORT", None)
-    env.pop("HTTP_PORT", None)
+    # NOTE: every port and certificate is passed to each child as a flag: the variables one
+    # service reads must not reach the others.
+    for name in ("PORT", "HTTP_PORT", "TLS_CERT", "TLS_KEY"):
+        env.pop(name, None)
     made = await asyncio.to_thread(_bootstrap, env, database)
+    await asyncio.to_thread(_pull_missing, opts)
     models = [a for m in opts.models for a in ("--model", m)]
     embeds = [a for m in opts.embedding_models for a in ("--embedding-model", m)]
     pool_target = f"127.0.0.1:{opts.pool_port}"
     gateway_url = f"https://127.0.0.1:{opts.port}/ready"
+    monitor_args = ["monitor", "--port", str(opts.monitor_port), "--http-port",
+                    str(opts.monitor_http_port), "--auth-url",
+                    f"http://127.0.0.1:{opts.auth_http_port}", "--pool", pool_target,
+                    "--gateway-url", f"https://127.0.0.1:{opts.port}", "--ca", str(certs.ca)]
     children = [
+        Child("monitor", monitor_args,
+              lambda: _probe_http(f"http://127.0.0.1:{opts.monitor_http_port}/healthz")),
         Child("auth", ["auth", "--port", str(opts.auth_port), "--http-port",
                        str(opts.auth_http_port)],
               lambda: _probe_http(f"http://127.0.0.1:{opts.auth_http_port}/health")),
@@ -292,6 +307,18 @@ async def run_serve(opts: ServeOptions, env: dict[str, str]) -> int:
         if watcher is not None:
             watcher.cancel()
     return 0 if await _shutdown(supervisor) else 1
+
+
+def _pull_missing(opts: ServeOptions) -> None:
+    """Pull every known model the pool will load that is not in the cache yet (a path, or a
+    name the pool does not know, is left for the pool to report)."""
+    from helixflow.pool.models.hub import KNOWN_MODELS, models_dir, pull
+
+    names = [*(opts.models or ["SmolLM2-135M-Instruct"]),
+             *(opts.embedding_models or ["all-MiniLM-L6-v2"])]  # fmt: skip
+    for name in names:
+        if name in KNOWN_MODELS and not (models_dir() / name).is_dir():
+            pull(name)
 
 
 async def _shutdown(supervisor: Supervisor) -> bool:
