@@ -96,6 +96,7 @@ class AuthenticationError(HelixFlowError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+    reason: str | None = None  # machine-readable, for logs and metrics; never sent
 
 
 class PermissionDeniedError(HelixFlowError):

@@ -146,6 +146,14 @@ def _event(row: Revocation) -> RevocationEvent:
     return RevocationEvent(row.kind, row.value, row.created_at, row.expires_at)
 
 
+def _refused(message: str, code: str, reason: str) -> AuthenticationError:
+    """A generic AuthenticationError for the client, with the machine-readable `reason` for
+    logs and metrics (never sent)."""
+    exc = AuthenticationError(message, code=code)
+    exc.reason = reason
+    return exc
+
+
 class AuthCore:
     """Users, sessions, API keys, signing keys and revocations over one `Store`."""
 
@@ -365,7 +373,7 @@ class AuthCore:
             self._check_throttle("", source)
             self.throttle.failure("", source)
             log.info("login failed: reason=invalid_username source=%s", source)
-            raise AuthenticationError(_LOGIN_FAILED, code="invalid_credentials") from None
+            raise _refused(_LOGIN_FAILED, "invalid_credentials", "invalid_username") from None
         self._check_throttle(name, source)
         user = self.store.get_user_by_name(name)
         # NOTE: an unknown user costs the same argon2 verification as a wrong password.
@@ -379,7 +387,7 @@ class AuthCore:
                 "-" if user is None else user.id,
                 source,
             )
-            raise AuthenticationError(_LOGIN_FAILED, code="invalid_credentials")
+            raise _refused(_LOGIN_FAILED, "invalid_credentials", reason)
         self.throttle.success(name)
         if credentials.password_needs_rehash(user.password_hash):
             self.store.set_user_password(user.id, credentials.hash_password(password))
@@ -426,7 +434,7 @@ class AuthCore:
         row = self.store.get_refresh_token(match.group(1))
         if row is None or not hmac.compare_digest(row.token_hash, _sha256(refresh_token)):
             log.info("refresh refused: reason=unknown_token")
-            raise AuthenticationError(_REFRESH_FAILED, code="invalid_refresh_token")
+            raise _refused(_REFRESH_FAILED, "invalid_refresh_token", "unknown_token")
         return match.group(1), row
 
     def _session_revoked(self, family_id: str, user_id: str) -> bool:
@@ -467,7 +475,7 @@ class AuthCore:
             else:
                 return self._pair(user, row.family_id, new_refresh, row.expires_at)
         log.info("refresh refused: reason=%s user=%s", reason, row.user_id)
-        raise AuthenticationError(_REFRESH_FAILED, code="invalid_refresh_token")
+        raise _refused(_REFRESH_FAILED, "invalid_refresh_token", reason)
 
     def logout(self, refresh_token: str) -> None:
         """End the session of `refresh_token` (its family and the family's access tokens)."""
@@ -514,7 +522,7 @@ class AuthCore:
             reason = "inactive_user"
         if reason is not None or row is None or user is None:
             log.info("API key refused: reason=%s prefix=%s", reason, prefix or "-")
-            raise AuthenticationError(_KEY_FAILED, code="invalid_api_key")
+            raise _refused(_KEY_FAILED, "invalid_api_key", reason or "unknown_key")
         if row.last_used_at is None or self._now() - row.last_used_at >= _TOUCH_INTERVAL_S:
             self.store.touch_api_key(row.id)
         return Principal(

@@ -1,6 +1,7 @@
 """The auth service's HTTP API (ASGI, msgspec), for people and tools; served on :8082.
 
     GET    /health                      liveness + the store answers
+    GET    /metrics                     Prometheus metrics (`helixflow.auth.metrics`)
     GET    /.well-known/jwks.json       the public signing keys (RFC 7517)
     POST   /v1/auth/login               {username, password} -> tokens
     POST   /v1/auth/refresh             {refresh_token} -> new tokens (the old one is spent)
@@ -40,7 +41,8 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from helixflow.auth.core import AuthCore
-from helixflow.auth.principal import Principal
+from helixflow.auth.metrics import AuthMetrics
+from helixflow.auth.principal import API_KEY_PREFIX, Principal
 from helixflow.auth.revocations import RevocationEvent
 from helixflow.auth.store import ApiKey, User
 from helixflow.errors import (
@@ -222,14 +224,19 @@ class Request:
 class AuthHttpApp:
     """The ASGI application; `core` does the work in worker threads."""
 
-    def __init__(self, core: AuthCore, *, hub: SettlingHub | None = None) -> None:
+    def __init__(self, core: AuthCore, *, hub: SettlingHub | None = None,
+                 metrics: AuthMetrics | None = None) -> None:  # fmt: skip
         self.core = core
         self._hub = hub
+        if metrics is None:
+            metrics = AuthMetrics(None if hub is None else lambda: hub.subscribers)
+        self.metrics = metrics
         self._routes: dict[tuple[str, str], Handler] = {}
         self._param_routes: list[tuple[str, str, str, Handler]] = []
         for method, path, handler in (
             ("GET", "/health", self.health),
             ("GET", "/healthz", self.health),
+            ("GET", "/metrics", self.prometheus),
             ("GET", "/.well-known/jwks.json", self.jwks),
             ("POST", "/v1/auth/login", self.login),
             ("POST", "/v1/auth/refresh", self.refresh),
@@ -271,11 +278,17 @@ class AuthHttpApp:
             return
         started = time.perf_counter()
         request_id = uuid.uuid4().hex[:16]
-        response = await self._dispatch(scope, receive)
-        headers = [_JSON, (b"x-request-id", request_id.encode()), *response.headers]
-        body = b"" if response.body is None else msgspec.json.encode(response.body)
+        handler, params, route = self._route(scope["method"], scope["path"])
+        response = await self._dispatch(scope, receive, handler, params, route)
+        headers = [(b"x-request-id", request_id.encode()), *response.headers]
+        if isinstance(response.body, bytes):  # not JSON: its headers name its content type
+            body = response.body
+        else:
+            headers.insert(0, _JSON)
+            body = b"" if response.body is None else msgspec.json.encode(response.body)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        self.metrics.observe(route or "other", response.status, time.perf_counter() - started)
         log.info(
             "%s %s %d %.1fms id=%s",
             scope["method"],
@@ -300,24 +313,25 @@ class AuthHttpApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _route(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], bool]:
+    def _route(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], str | None]:
+        """The handler, its path parameters, and the route template (None: no such path)."""
         handler = self._routes.get((method, path))
         if handler is not None:
-            return handler, {}, True
-        known = any(p == path for _, p in self._routes)
-        for m, prefix, _, h in self._param_routes:
+            return handler, {}, path
+        route = path if any(p == path for _, p in self._routes) else None
+        for m, prefix, template, h in self._param_routes:
             rest = path[len(prefix) :] if path.startswith(prefix) else ""
             if rest and "/" not in rest:
-                known = True
+                route = template
                 if m == method:
-                    return h, {"id": rest}, True
-        return None, {}, known
+                    return h, {"id": rest}, template
+        return None, {}, route
 
-    async def _dispatch(self, scope: dict[str, Any], receive: Any) -> Response:
+    async def _dispatch(self, scope: dict[str, Any], receive: Any, handler: Handler | None,
+                        params: dict[str, str], route: str | None) -> Response:  # fmt: skip
         try:
-            handler, params, known = self._route(scope["method"], scope["path"])
             if handler is None:
-                if known:
+                if route is not None:
                     return _error(405, "method_not_allowed", "method not allowed")
                 return _error(404, "not_found", f"no route {scope['path'][:100]}")
             body = await self._read_body(receive)
@@ -361,7 +375,13 @@ class AuthHttpApp:
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise AuthenticationError("Missing bearer credentials.", code="missing_credentials")
-        principal: Principal = await self._call(self.core.authenticate, credential.strip())
+        credential = credential.strip()
+        try:
+            principal: Principal = await self._call(self.core.authenticate, credential)
+        except AuthenticationError as exc:
+            operation = "api_key" if credential.startswith(API_KEY_PREFIX) else "token"
+            self.metrics.failed(operation, exc)
+            raise
         if principal.kind == "api_key" and not api_key and not principal.is_admin:
             raise PermissionDeniedError("this needs a login token, not an API key")
         return principal
@@ -387,18 +407,30 @@ class AuthHttpApp:
                         redis=self._hub.redis_connected)  # fmt: skip
         return Response(200, body)
 
+    async def prometheus(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(200, body, [(b"content-type", content_type.encode())])
+
     async def jwks(self, request: Request) -> Response:
         return Response(200, self.core.jwks(), [(b"cache-control", b"public, max-age=60")])
 
     async def login(self, request: Request) -> Response:
         body: LoginBody = request.json(LoginBody)
-        pair = await self._call(self.core.login, body.username, body.password,
-                                source=request.client)  # fmt: skip
+        try:
+            pair = await self._call(self.core.login, body.username, body.password,
+                                    source=request.client)  # fmt: skip
+        except (AuthenticationError, RateLimitError) as exc:
+            self.metrics.failed("login", exc)
+            raise
         return Response(200, pair, [_NO_STORE])
 
     async def refresh(self, request: Request) -> Response:
         body: RefreshBody = request.json(RefreshBody)
-        pair = await self._call(self.core.refresh, body.refresh_token)
+        try:
+            pair = await self._call(self.core.refresh, body.refresh_token)
+        except AuthenticationError as exc:
+            self.metrics.failed("refresh", exc)
+            raise
         return Response(200, pair, [_NO_STORE])
 
     async def logout(self, request: Request) -> Response:
@@ -422,8 +454,12 @@ class AuthHttpApp:
         body: PasswordBody = request.json(PasswordBody)
         if principal.kind != "token":
             raise PermissionDeniedError("this needs a login token, not an API key")
-        await self._call(self.core.change_password, principal.user_id, body.old_password,
-                         body.new_password, source=request.client)  # fmt: skip
+        try:
+            await self._call(self.core.change_password, principal.user_id, body.old_password,
+                             body.new_password, source=request.client)  # fmt: skip
+        except (AuthenticationError, RateLimitError) as exc:
+            self.metrics.failed("password", exc)
+            raise
         return Response(204)
 
     async def me(self, request: Request) -> Response:

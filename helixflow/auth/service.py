@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from helixflow._proto import auth_pb2 as pb
 from helixflow._proto import auth_pb2_grpc as pb_grpc
 from helixflow.auth.core import AuthCore, AuthSettings
+from helixflow.auth.metrics import AuthMetrics
 from helixflow.auth.principal import Principal
 from helixflow.auth.revocations import RevocationEvent
 from helixflow.auth.signing_keys import generate_master_key, load_master_key
@@ -396,25 +398,31 @@ def _event_pb(event: RevocationEvent) -> pb.RevocationEvent:
 class AuthServicer(pb_grpc.AuthServicer):
     """The gRPC API over `AuthCore` (blocking calls run in worker threads)."""
 
-    def __init__(self, core: AuthCore, hub: RevocationHub) -> None:
+    def __init__(self, core: AuthCore, hub: RevocationHub,
+                 metrics: AuthMetrics | None = None) -> None:  # fmt: skip
         self.core = core
         self.hub = hub
+        self.metrics = metrics or AuthMetrics()
         self.stopping = asyncio.Event()
 
-    async def _principal(self, fn: Any, credential: str, context: Any) -> pb.Principal:
+    async def _principal(self, fn: Any, credential: str, context: Any,
+                         operation: str) -> pb.Principal:  # fmt: skip
         if not credential:
+            self.metrics.failed(operation)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the credential is empty")
         try:
             principal = await asyncio.to_thread(fn, credential)
         except AuthenticationError as exc:
+            self.metrics.failed(operation, exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
         return _principal_pb(principal)
 
     async def ValidateApiKey(self, request: Any, context: Any) -> pb.Principal:
-        return await self._principal(self.core.validate_api_key, request.api_key, context)
+        return await self._principal(self.core.validate_api_key, request.api_key, context,
+                                     "api_key")  # fmt: skip
 
     async def ValidateToken(self, request: Any, context: Any) -> pb.Principal:
-        return await self._principal(self.core.validate_token, request.token, context)
+        return await self._principal(self.core.validate_token, request.token, context, "token")
 
     async def GetJwks(self, request: Any, context: Any) -> pb.Jwks:
         return pb.Jwks(json=json.dumps(self.core.jwks()))
@@ -497,7 +505,9 @@ async def serve(opts: AuthOptions, *, ready: asyncio.Event | None = None) -> int
     loop = asyncio.get_running_loop()
     hub = RevocationHub(core, loop)
     core.add_listener(hub.on_core_event)
-    servicer = AuthServicer(core, hub)
+    metrics = AuthMetrics(lambda: hub.subscribers)
+    core.add_listener(metrics.on_revocation)
+    servicer = AuthServicer(core, hub, metrics)
     server = grpc.aio.server()
     pb_grpc.add_AuthServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
@@ -521,8 +531,9 @@ async def serve(opts: AuthOptions, *, ready: asyncio.Event | None = None) -> int
     tls: dict[str, Any] = {}
     if opts.tls_cert and opts.tls_key:
         tls = {"ssl_cert": Path(opts.tls_cert), "ssl_key": Path(opts.tls_key)}
-    http = Granian(AuthHttpApp(core, hub=hub), address=opts.host, port=opts.http_port,
-                   interface=Interfaces.ASGI, log_enabled=False, **tls)  # fmt: skip
+    http = Granian(AuthHttpApp(core, hub=hub, metrics=metrics), address=opts.host,
+                   port=opts.http_port, interface=Interfaces.ASGI, log_enabled=False,
+                   **tls)  # fmt: skip
     http_task = asyncio.create_task(http.serve())
     await asyncio.sleep(0.05)
     if http_task.done():
@@ -531,8 +542,10 @@ async def serve(opts: AuthOptions, *, ready: asyncio.Event | None = None) -> int
         exc = http_task.exception()
         raise OSError(f"HTTP: cannot listen on {opts.host}:{opts.http_port} ({exc})")
 
+    # Revocations a poll finds were recorded by another process: not counted here.
+    poll = functools.partial(metrics.foreign, core.poll_revocations)
     tasks = [
-        asyncio.create_task(_every(POLL_REVOCATIONS_S, core.poll_revocations, "revocation poll")),
+        asyncio.create_task(_every(POLL_REVOCATIONS_S, poll, "revocation poll")),
         asyncio.create_task(_every(POLL_KEYS_S, core.reload_keys, "signing key reload")),
         http_task,
     ]

@@ -103,10 +103,11 @@ class Stream:
 class Ctx:
     """One request as the handlers see it."""
 
-    __slots__ = ("body", "client", "headers", "method", "model", "path", "principal",
-                 "receive", "request_id", "scope", "status")  # fmt: skip
+    __slots__ = ("body", "client", "headers", "method", "model", "model_id", "path",
+                 "principal", "receive", "request_id", "scope", "started", "status")  # fmt: skip
 
-    def __init__(self, scope: dict[str, Any], receive: Any, request_id: str) -> None:
+    def __init__(self, scope: dict[str, Any], receive: Any, request_id: str,
+                 started: float = 0.0) -> None:  # fmt: skip
         self.scope = scope
         self.receive = receive
         self.method: str = scope["method"]
@@ -117,7 +118,9 @@ class Ctx:
         self.request_id = request_id
         self.principal: Principal | None = None
         self.body = b""
-        self.model = "-"
+        self.model = "-"  # as the client named it
+        self.model_id = "-"  # the registry's id of that model, once resolved
+        self.started = started  # time.perf_counter() at arrival
         self.status = 0
 
 
@@ -202,7 +205,7 @@ class Gateway:
         started = time.perf_counter()
         given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else _new_request_id()
-        ctx = Ctx(scope, receive, request_id)
+        ctx = Ctx(scope, receive, request_id, started)
         try:
             result = await self._handle(ctx)
         except HelixFlowError as exc:
@@ -246,8 +249,14 @@ class Gateway:
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [*_SSE, *stream.headers, rid]})  # fmt: skip
-            async for chunk in stream.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # NOTE: the first event apart, so that the time to first token costs nothing per
+            # event; it is sent once the backend's first token has arrived (`_open`).
+            first = await anext(stream.chunks, None)
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                self.metrics.first_token(ctx.model_id, time.perf_counter() - ctx.started)
+                async for chunk in stream.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         except (OSError, RuntimeError, asyncio.CancelledError) as exc:
             # The client went away (send fails): stop the backend at once.
@@ -287,7 +296,11 @@ class Gateway:
                 raise NotFoundError(f"no route {ctx.method} {ctx.path[:200]}",
                                     code="unknown_url")  # fmt: skip
         if ctx.path not in self.public:
-            ctx.principal = await self._authenticate(ctx)
+            try:
+                ctx.principal = await self._authenticate(ctx)
+            except HelixFlowError as exc:
+                self.metrics.count_auth_failure(exc)
+                raise
         if ctx.method == "POST":
             ctx.body = await self._read_body(ctx)
         return await handler(ctx)
@@ -353,17 +366,25 @@ class Gateway:
     def _route(self, ctx: Ctx, model: str) -> ModelRoute:
         ctx.model = model[:200]
         route = self.registry.resolve(model)
+        ctx.model_id = route.id
         assert ctx.principal is not None
         if not (ctx.principal.may_use_model(route.id) or ctx.principal.may_use_model(model)):
-            raise PermissionDeniedError(f"this key may not use model {model!r}",
-                                        code="model_not_allowed")  # fmt: skip
+            denied = PermissionDeniedError(f"this key may not use model {model!r}",
+                                           code="model_not_allowed")  # fmt: skip
+            self.metrics.count_auth_failure(denied)
+            raise denied
         return route
 
     async def _admit(self, ctx: Ctx, reserve: int) -> Admission:
         principal = ctx.principal
         assert principal is not None and self.limiter is not None
         key = principal.key_id or principal.user_id
-        return await self.limiter.admit(key, principal.rpm_limit, principal.tpm_limit, reserve)
+        try:
+            return await self.limiter.admit(key, principal.rpm_limit, principal.tpm_limit,
+                                            reserve)  # fmt: skip
+        except RateLimitError as exc:
+            self.metrics.count_rate_limited(exc)
+            raise
 
     # -- generation --------------------------------------------------------------------------
 
