@@ -277,28 +277,19 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
-    from pathlib import Path
 
     from helixflow.errors import HelixFlowError
-    from helixflow.serve import ServeOptions, data_dir_default, run_serve
+    from helixflow.serve import run_serve
+    from helixflow.serve_config import config_file, load_serve_config
 
-    def port(flag: int | None, name: str, default: int) -> int:
-        if flag is not None:
-            return flag
-        text = os.environ.get(name)
-        return int(text) if text and text.isdigit() else default
-
-    opts = ServeOptions(
-        host=args.host, port=port(args.port, "PORT", 8443),
-        pool_port=args.pool_port, auth_port=args.auth_port, auth_http_port=args.auth_http_port,
-        monitor_port=args.monitor_port, monitor_http_port=args.monitor_http_port,
-        data_dir=Path(args.data_dir) if args.data_dir else data_dir_default(os.environ),
-        models=args.models, embedding_models=args.embedding_models,
-        pool_args=[*(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
-                   *(["--device", args.device] if args.device else [])],
-    )  # fmt: skip
+    keys = ("host", "port", "pool_port", "auth_port", "auth_http_port", "monitor_port",
+            "monitor_http_port", "data_dir", "models", "embedding_models", "max_model_len",
+            "device")  # fmt: skip
     try:
-        return asyncio.run(run_serve(opts, dict(os.environ)))
+        path = config_file(args.config, os.environ)
+        config = load_serve_config({k: getattr(args, k) for k in keys}, os.environ,
+                                   config_path=path)  # fmt: skip
+        return asyncio.run(run_serve(config, dict(os.environ), config_path=path))
     except (HelixFlowError, OSError) as exc:
         message = exc.message if isinstance(exc, HelixFlowError) else str(exc)
         print(f"helixflow serve: error: {message}", file=sys.stderr)
@@ -310,9 +301,9 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from helixflow.certs import ensure_certs
-    from helixflow.serve import data_dir_default
+    from helixflow.serve_config import ServeConfig
 
-    directory = Path(args.dir) if args.dir else data_dir_default(os.environ) / "certs"
+    directory = Path(args.dir) if args.dir else ServeConfig().data_path(os.environ) / "certs"
     paths = ensure_certs(directory, args.hosts or (), force=args.force)
     print(f"CA: {paths.ca}\ncertificate: {paths.server}\nkey: {paths.server_key} (0600)")
     return 0
@@ -407,25 +398,31 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run auth, the pool, the gateway and monitoring on this machine (HTTPS :8443)",
-        description="Start every service as a supervised child (restarted when it dies; "
-        "SIGINT/SIGTERM drain and stop them). The first start makes the TLS certificates, the "
-        "auth database, an admin user and an API key, and prints how to call the API.",
+        description="Start monitoring, auth, the pool and the gateway as supervised children "
+        "(restarted when they die; SIGINT/SIGTERM drain and stop them). The first start makes "
+        "the TLS certificates, the auth database, an admin user and an API key, pulls missing "
+        "models, and prints how to call the API. Every option is also a key of [serve] in "
+        "helixflow.toml and the environment variable HELIXFLOW_<KEY> (e.g. "
+        "HELIXFLOW_POOL_PORT, HELIXFLOW_MODELS=a,b); flags win, then the environment.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    serve.add_argument("--config", metavar="TOML", help="[serve], [gateway] and [[models]] "
+                       "(default: $HELIXFLOW_CONFIG or ./helixflow.toml)")  # fmt: skip
+    serve.add_argument("--host", help="gateway address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="gateway HTTPS port (default: $PORT or 8443)")
-    serve.add_argument("--pool-port", type=int, default=50051, help="pool gRPC port")
-    serve.add_argument("--auth-port", type=int, default=8081, help="auth gRPC port")
-    serve.add_argument("--auth-http-port", type=int, default=8082, help="auth HTTP port")
-    serve.add_argument("--monitor-port", type=int, default=8083, help="monitoring gRPC port")
-    serve.add_argument("--monitor-http-port", type=int, default=8084,
-                       help="monitoring HTTP port (the status page)")  # fmt: skip
+    for flag, what, default in (("--pool-port", "pool gRPC", 50051),
+                                ("--auth-port", "auth gRPC", 8081),
+                                ("--auth-http-port", "auth HTTP", 8082),
+                                ("--monitor-port", "monitoring gRPC", 8083),
+                                ("--monitor-http-port", "status page (HTTP)", 8084)):
+        env = "HELIXFLOW_" + flag[2:].replace("-", "_").upper()
+        serve.add_argument(flag, type=int, help=f"{what} port (default: ${env} or {default})")
     serve.add_argument("--data-dir", help="certificates, database, state (default: "
-                       "$HELIXFLOW_HOME/serve)")  # fmt: skip
+                       "$HELIXFLOW_DATA_DIR or $HELIXFLOW_HOME/serve)")  # fmt: skip
     serve.add_argument("--model", action="append", dest="models", metavar="NAME|PATH",
                        help="chat model (repeatable; default SmolLM2-135M-Instruct)")  # fmt: skip
     serve.add_argument("--embedding-model", action="append", dest="embedding_models",
                        metavar="NAME|PATH",
-                       help="embedding model (default all-MiniLM-L6-v2)")  # fmt: skip
+                       help="embedding model (default all-MiniLM-L6-v2; none: no embeddings)")
     serve.add_argument("--max-model-len", type=int, help="the pool's context length cap")
     serve.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
     serve.set_defaults(handler=_cmd_serve)

@@ -22,36 +22,17 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["ServeOptions", "run_serve"]
+from helixflow.serve_config import ServeConfig
+
+__all__ = ["run_serve"]
 
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0
 STOP_GRACE_S = 30.0
-
-
-class ServeOptions:
-    """The ports, paths and models of one `serve` (flags, else env, else defaults)."""
-
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 8443, pool_port: int = 50051,
-                 auth_port: int = 8081, auth_http_port: int = 8082, monitor_port: int = 8083,
-                 monitor_http_port: int = 8084, data_dir: Path,
-                 models: list[str] | None = None, embedding_models: list[str] | None = None,
-                 pool_args: list[str] | None = None) -> None:  # fmt: skip
-        self.host = host
-        self.port = port
-        self.pool_port = pool_port
-        self.auth_port = auth_port
-        self.auth_http_port = auth_http_port
-        self.monitor_port = monitor_port
-        self.monitor_http_port = monitor_http_port
-        self.data_dir = data_dir
-        self.models = models or []
-        self.embedding_models = embedding_models or []
-        self.pool_args = pool_args or []
 
 
 class Child:
@@ -207,11 +188,11 @@ def _bootstrap(env: dict[str, str], database: Path) -> tuple[str, str] | None:
         core.store.close()
 
 
-def _banner(opts: ServeOptions, ca: Path, made: tuple[str, str] | None, model: str) -> str:
+def _banner(opts: ServeConfig, ca: Path, database: Path, made: tuple[str, str] | None,
+            model: str) -> str:
     url = f"https://{'localhost' if opts.host in ('127.0.0.1', '0.0.0.0') else opts.host}" \
           f":{opts.port}"  # fmt: skip
     if made is None:
-        database = opts.data_dir / "auth.db"
         who = ("API keys: the one printed on the first start, or make one with\n"
                f"  helixflow admin --database-path {database} create-key admin")  # fmt: skip
         key = "$HELIXFLOW_API_KEY"
@@ -242,11 +223,12 @@ EOF
 """
 
 
-async def run_serve(opts: ServeOptions, env: dict[str, str]) -> int:
+async def run_serve(opts: ServeConfig, env: dict[str, str], *,
+                    config_path: Path | None = None) -> int:
     """Run the platform until SIGINT/SIGTERM; returns the exit code."""
     from helixflow.certs import ensure_certs
 
-    data = opts.data_dir
+    data = opts.data_path(env)
     data.mkdir(parents=True, exist_ok=True)
     certs = ensure_certs(data / "certs")
     database = data / "auth.db"
@@ -272,10 +254,11 @@ async def run_serve(opts: ServeOptions, env: dict[str, str]) -> int:
                        str(opts.auth_http_port)],
               lambda: _probe_http(f"http://127.0.0.1:{opts.auth_http_port}/health")),
         Child("pool", ["pool", "--port", str(opts.pool_port), *models, *embeds,
-                       *opts.pool_args], lambda: _probe_grpc_pool(pool_target)),
+                       *opts.pool_args()], lambda: _probe_grpc_pool(pool_target)),
         Child("gateway", ["gateway", "--host", opts.host, "--port", str(opts.port),
                           "--pool", pool_target, "--auth", f"127.0.0.1:{opts.auth_port}",
-                          "--tls-cert", str(certs.server), "--tls-key", str(certs.server_key)],
+                          "--tls-cert", str(certs.server), "--tls-key", str(certs.server_key),
+                          *(["--config", str(config_path)] if config_path else [])],
               lambda: _probe_http(gateway_url, certs.ca)),
     ]  # fmt: skip
     supervisor = Supervisor(children, env, data / "state.json")
@@ -296,7 +279,8 @@ async def run_serve(opts: ServeOptions, env: dict[str, str]) -> int:
                 waiting.cancel()
                 return 0 if await _shutdown(supervisor) else 1
             waiting.result()
-        supervisor.say(_banner(opts, certs.ca, made, (opts.models or ["SmolLM2-135M-Instruct"])[0]))
+        model = (opts.models or ["SmolLM2-135M-Instruct"])[0]
+        supervisor.say(_banner(opts, certs.ca, database, made, model))
         watcher = asyncio.create_task(supervisor.watch())
         await stop.wait()
     except RuntimeError as exc:
@@ -309,7 +293,7 @@ async def run_serve(opts: ServeOptions, env: dict[str, str]) -> int:
     return 0 if await _shutdown(supervisor) else 1
 
 
-def _pull_missing(opts: ServeOptions) -> None:
+def _pull_missing(opts: ServeConfig) -> None:
     """Pull every known model the pool will load that is not in the cache yet (a path, or a
     name the pool does not know, is left for the pool to report)."""
     from helixflow.pool.models.hub import KNOWN_MODELS, models_dir, pull
@@ -327,10 +311,3 @@ async def _shutdown(supervisor: Supervisor) -> bool:
     codes = {c.name: c.proc.returncode for c in supervisor.children if c.proc is not None}
     supervisor.say(f"[serve] stopped: {codes}")
     return all(code == 0 for code in codes.values())
-
-
-def data_dir_default(env: Mapping[str, str]) -> Path:
-    """``$HELIXFLOW_HOME/serve`` (default ``~/.cache/helixflow/serve``)."""
-    home = env.get("HELIXFLOW_HOME")
-    base = Path(home) if home else Path.home() / ".cache" / "helixflow"
-    return base / "serve"

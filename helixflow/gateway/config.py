@@ -91,7 +91,7 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: cannot read {path} ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"gateway", "models"}
+    unknown = set(data) - {"gateway", "models", "serve"}  # [serve]: helixflow.serve_config
     if unknown:
         raise ConfigError(f"config: {path}: unknown section(s) {sorted(unknown)}")
     gateway = data.get("gateway", {})
