@@ -119,7 +119,10 @@ def test_printed_examples_work(platform: Platform) -> None:
     log = platform.log.read_text()
     assert oct((platform.data / "certs" / "server.key").stat().st_mode & 0o777) == "0o600"
     assert f"status page: {platform.monitor}/" in log
-    # The printed openai-SDK example works as printed.
+    # The printed curl and openai-SDK examples work as printed.
+    curl = log[log.index("curl https://") : log.index("# with OpenAI's SDK")]
+    ran = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and json.loads(ran.stdout)["choices"][0]["message"]["content"]
     example = log[log.index("python - <<'EOF'\n") + len("python - <<'EOF'\n") :]
     example = example[: example.index("\nEOF\n")]
     ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True,
@@ -131,6 +134,24 @@ def test_printed_examples_work(platform: Platform) -> None:
                           json={"model": "SmolLM2-135M-Instruct", "max_tokens": 8,
                                 "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+
+
+def test_readme_quick_start_works_as_written(platform: Platform) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Quick start") :]
+    section = section[: section.index("\n## ", 10)].replace("https://localhost:8443",
+                                                          platform.url)  # fmt: skip
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    assert [lang for lang, _ in blocks] == ["", "python", "python"], blocks
+    env = {**platform.env, "KEY": platform.key, "CA": str(platform.ca)}
+    curl = subprocess.run(["bash", "-c", blocks[0][1]], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert curl.returncode == 0 and json.loads(curl.stdout)["choices"][0]["message"]["content"]
+    for _, code in blocks[1:]:
+        prelude = f"KEY = {platform.key!r}\nCA = {str(platform.ca)!r}\n"
+        ran = subprocess.run([sys.executable, "-c", prelude + code], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert ran.returncode == 0 and ran.stdout.strip(), (code, ran.stderr)
 
 
 def test_monitoring_sees_every_service(platform: Platform) -> None:
