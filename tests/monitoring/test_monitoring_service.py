@@ -257,3 +257,38 @@ def test_monitor_process_reports_a_service_going_down(service: FakeService) -> N
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_grpc_get_and_watch_health(service: FakeService) -> None:
+    from helixflow._proto import monitoring_pb2 as pb
+    from helixflow._proto import monitoring_pb2_grpc as pb_grpc
+    from helixflow.monitoring.service import MonitorServicer
+
+    async def scenario() -> None:
+        target = Target("auth", "http", f"{service.url}/health")
+        monitor = Monitor((target,), Prober(), interval_s=0.1)
+        server = grpc.aio.server()
+        servicer = MonitorServicer(monitor)
+        pb_grpc.add_MonitorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.MonitorStub(channel)
+            report = await stub.GetHealth(pb.GetHealthRequest(), timeout=5)
+            assert (report.status, report.services[0].state) == ("degraded", "unknown")
+            watch = stub.WatchHealth(pb.GetHealthRequest(), timeout=10)
+            first = await watch.read()
+            assert first.services[0].state == "unknown"
+            await monitor.poll_once()  # unknown -> up: a new report
+            second = await watch.read()
+            assert (second.status, second.services[0].state) == ("ok", "up")
+            service.status = 500
+            await monitor.poll_once()
+            third = await watch.read()
+            assert third.status == "degraded" and "HTTP 500" in third.services[0].detail
+            servicer.stopping.set()  # the service stops: the stream ends
+            assert await watch.read() == grpc.aio.EOF
+        await server.stop(None)
+        await monitor.prober.close()
+
+    asyncio.run(scenario())
