@@ -3,6 +3,7 @@ the OpenAPI document against the routes, the circuit breaker, input splitting.""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -35,8 +36,12 @@ def test_every_openai_request_field_is_accepted(ours: type[msgspec.Struct], thei
 
 
 def test_openapi_document_matches_the_routes() -> None:
-    app = Gateway(GatewayConfig(insecure_no_auth=True), {})
-    served = set(app.routes) | {("GET", "/v1/models/{model}")}
+    async def routes() -> set[tuple[str, str]]:
+        # NOTE: in a running loop: the pools' grpc.aio channels need one (and no test may rely
+        # on a default loop left behind by an earlier one).
+        return set(Gateway(GatewayConfig(insecure_no_auth=True), {}).routes)
+
+    served = asyncio.run(routes()) | {("GET", "/v1/models/{model}")}
     assert served == set(OPERATIONS)
     doc = document()
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
