@@ -57,6 +57,7 @@ from helixflow.errors import (
 __all__ = ["AuthHttpApp"]
 
 log = logging.getLogger("helixflow.auth.http")
+_PROBE_ROUTES = frozenset(("/health", "/healthz", "/metrics"))
 
 MAX_BODY_BYTES: Final = 64 * 1024
 _JSON = (b"content-type", b"application/json")
@@ -289,14 +290,11 @@ class AuthHttpApp:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self.metrics.observe(route or "other", response.status, time.perf_counter() - started)
-        log.info(
-            "%s %s %d %.1fms id=%s",
-            scope["method"],
-            scope["path"],
-            response.status,
-            (time.perf_counter() - started) * 1e3,
-            request_id,
-        )
+        # NOTE: monitoring probes /health and /metrics every second: only failures get a line.
+        if response.status != 200 or route not in _PROBE_ROUTES:
+            log.info("%s %s %d %.1fms id=%s", scope["method"], scope["path"][:200],
+                     response.status, (time.perf_counter() - started) * 1e3,
+                     request_id)  # fmt: skip
 
     async def _read_body(self, receive: Any) -> bytes | None:
         chunks: list[bytes] = []

@@ -57,6 +57,7 @@ from helixflow.gateway.upstream_http import UpstreamError, UpstreamResponse
 __all__ = ["Gateway", "HttpError"]
 
 log = logging.getLogger("helixflow.gateway")
+_PROBE_PATHS = frozenset(("/health", "/ready", "/metrics"))
 
 Headers = list[tuple[bytes, bytes]]
 _JSON: Final = (b"content-type", b"application/json")
@@ -225,8 +226,12 @@ class Gateway:
         elapsed = time.perf_counter() - started
         self.metrics.observe(ctx.path if (ctx.method, ctx.path) in self.routes else "other",
                              ctx.status, elapsed)  # fmt: skip
-        self.access.record(ctx.method, ctx.path[:200], ctx.status, elapsed * 1e3, ctx.model,
-                           ctx.principal.user_id if ctx.principal else "-", request_id)  # fmt: skip
+        # NOTE: monitoring probes /health, /ready and /metrics every second: only their
+        # failures are worth a line (they are counted in the metrics either way).
+        if ctx.status != 200 or ctx.path not in _PROBE_PATHS:
+            self.access.record(ctx.method, ctx.path[:200], ctx.status, elapsed * 1e3, ctx.model,
+                               ctx.principal.user_id if ctx.principal else "-",
+                               request_id)  # fmt: skip
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:

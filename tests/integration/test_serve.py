@@ -210,6 +210,10 @@ def test_monitoring_sees_every_service(platform: Platform) -> None:
     assert len(dashboard["panels"]) >= 12
     scrape = httpx.get(f"{platform.monitor}/prometheus.yml").text
     assert f"127.0.0.1:{platform.ports['gateway']}" in scrape and str(platform.ca) in scrape
+    # Monitoring's probes every second leave no log lines behind (only failures would).
+    log = platform.log.read_text()
+    for probe in ("GET /health 200", "GET /ready 200", "GET /metrics 200"):
+        assert probe not in log, probe
 
 
 def test_status_page_in_a_real_browser(platform: Platform) -> None:
