@@ -217,6 +217,9 @@ def _add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auth service gRPC (default: $AUTH_SERVICE_GRPC or "
                         "127.0.0.1:8081)")  # fmt: skip
     parser.add_argument("--redis-url", help="shared rate limits (default: $REDIS_URL)")
+    parser.add_argument("--rate-limit-failure", choices=("open", "closed"),
+                        help="while Redis is down: admit without limits (open, the default) or "
+                        "refuse with 503 (closed); $HELIXFLOW_RATE_LIMIT_FAILURE")  # fmt: skip
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--insecure-no-auth", action="store_true", help=argparse.SUPPRESS)
 
@@ -230,7 +233,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_format)
     flags = {k: getattr(args, k) for k in ("host", "port", "workers", "tls_cert", "tls_key",
-                                           "pool_urls", "auth_grpc", "redis_url", "log_format")}
+                                           "pool_urls", "auth_grpc", "redis_url", "log_format",
+                                           "rate_limit_failure")}
     flags["insecure_no_auth"] = args.insecure_no_auth or None
     try:
         config = load_config(flags, os.environ, config_path=args.config)

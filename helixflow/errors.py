@@ -135,10 +135,22 @@ class RateLimitError(HelixFlowError):
 
 
 class OverloadedError(HelixFlowError):
-    """No healthy backend has capacity for the request right now."""
+    """No healthy backend has capacity for the request right now (or a service the request
+    needs is unavailable); `retry_after`, in seconds, when it is known."""
 
     status = 503
     code = "overloaded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
 
 
 class EngineDeadError(HelixFlowError):

@@ -8,12 +8,16 @@ after the revocation was sent down every connected stream.
 
 If the stream is down or silent for longer than `max_staleness` (it carries a heartbeat every
 2 s), the client no longer trusts its revocation list and checks each token online
-(``ValidateToken``) instead; if the auth service cannot be reached either, the request fails
-with 503 rather than let a possibly revoked token through.
+(``ValidateToken``) instead. If the auth service cannot be reached either (it is down), a token
+that verifies locally (signature by a cached key, claims, the last known revocations) is still
+accepted for `outage_grace` seconds after the stream's last message, with a warning: while auth
+is down nobody can revoke through it, and access tokens live minutes. After that, or for a
+token the cached keys cannot verify, the request fails with 503.
 
 API keys are validated by the auth service (``ValidateApiKey``) and cached for `api_key_ttl`
 seconds (keyed by the key's SHA-256, never the key); a revocation of the key or of its user
-evicts the entry at once.
+evicts the entry at once. While the stream is unhealthy a cached key is checked again, so with
+auth down API-key traffic fails closed (503) and recovers by itself when auth returns.
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ def _principal(message: Any, kind: str) -> Principal:
     )
 
 
+# NOTE: gRPC's reconnect back-off grows to two minutes by default; a returning auth service
+# should be used again within a second or two.
+_CHANNEL_OPTIONS: Final = [("grpc.initial_reconnect_backoff_ms", 250),
+                           ("grpc.min_reconnect_backoff_ms", 250),
+                           ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
+
+
 class _Outbox:
     """The request side of the revocation stream: subscriber name, then acks.
 
@@ -103,6 +114,7 @@ class AuthClient:
         api_key_ttl: float = 30.0,
         api_key_cache_size: int = 100_000,
         max_staleness: float = 5.0,
+        outage_grace: float = 300.0,
         credentials: grpc.ChannelCredentials | None = None,
         name: str = "gateway",
         now: Callable[[], float] = time.time,
@@ -111,7 +123,9 @@ class AuthClient:
         self.name = name
         self.api_key_ttl = api_key_ttl
         self.max_staleness = max_staleness
+        self.outage_grace = outage_grace
         self._credentials = credentials
+        self._outage_warned = 0.0
         self._now = now
         self.revocations = RevocationSet(now=now)
         self._keys = JwksKeySet({})
@@ -143,9 +157,10 @@ class AuthClient:
         """Connect, fetch the JWKS and start the revocation stream; waits up to `wait` s for
         the first snapshot (the client works without it, checking tokens online)."""
         if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target)
+            self._channel = grpc.aio.insecure_channel(self.target, _CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.secure_channel(self.target, self._credentials)
+            self._channel = grpc.aio.secure_channel(self.target, self._credentials,
+                                                    _CHANNEL_OPTIONS)  # fmt: skip
         self._stub = pb_grpc.AuthStub(self._channel)  # type: ignore[no-untyped-call]
         self._watch = asyncio.create_task(self._watch_revocations())
         with contextlib.suppress(TimeoutError):
@@ -299,12 +314,30 @@ class AuthClient:
             del self._verified[digest]
             raise InvalidTokenError("expired")
         if not self.stream_healthy:
-            return await self._online(token)
+            try:
+                return await self._online(token)
+            except OverloadedError:
+                if not self._within_outage_grace():
+                    raise
         if self.revocations.is_token_revoked(jti=principal.token_id, sub=principal.user_id,
                                              iat=principal.issued_at,
                                              sid=principal.session_id):  # fmt: skip
             raise InvalidTokenError("revoked")
         return principal
+
+    def _within_outage_grace(self) -> bool:
+        """Auth is unreachable: may a locally verified token still pass? (See the module.)"""
+        if not self._last_message:  # never synced: no revocation list to trust at all
+            return False
+        silent = time.monotonic() - self._last_message
+        if silent > self.max_staleness + self.outage_grace:
+            return False
+        if time.monotonic() - self._outage_warned > 10.0:
+            self._outage_warned = time.monotonic()
+            log.warning("auth unreachable for %.0fs: accepting locally verified tokens with the "
+                        "last known revocations (for up to %.0fs)", silent,
+                        self.max_staleness + self.outage_grace)  # fmt: skip
+        return True
 
     async def _try_refresh_jwks(self) -> bool:
         try:

@@ -131,9 +131,9 @@ def json_response(status: int, body: Any, headers: Headers | None = None) -> Res
 
 def error_response(exc: HelixFlowError) -> Response:
     headers: Headers = []
+    if isinstance(exc, (RateLimitError, OverloadedError)) and exc.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, int(exc.retry_after + 0.999))).encode()))
     if isinstance(exc, RateLimitError):
-        if exc.retry_after is not None:
-            headers.append((b"retry-after", str(max(1, int(exc.retry_after + 0.999))).encode()))
         headers.extend(getattr(exc, "headers", None) or [])
     if isinstance(exc, AuthenticationError):
         headers.append((b"www-authenticate", b"Bearer"))
@@ -180,7 +180,8 @@ class Gateway:
         else:
             log.warning("AUTHENTICATION IS OFF (insecure_no_auth): every request is admitted")
         if self.limiter is None:
-            self.limiter = make_rate_limiter(self.config.redis_url)
+            self.limiter = make_rate_limiter(
+                self.config.redis_url, fail_closed=self.config.rate_limit_failure == "closed")
         await self.registry.start()
         self._access_task = asyncio.create_task(self.access.run())
 

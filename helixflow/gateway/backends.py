@@ -78,8 +78,13 @@ class PoolBackend:
 
     def __init__(self, target: str, *, tls_ca: str | None = None) -> None:
         self.target = target
+        # NOTE: gRPC's reconnect back-off grows to two minutes by default: a pool that comes
+        # back would wait that long to rejoin. One second keeps the rejoin prompt.
         options = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.max_receive_message_length", 64 * 1024 * 1024)]  # fmt: skip
+                   ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                   ("grpc.initial_reconnect_backoff_ms", 250),
+                   ("grpc.min_reconnect_backoff_ms", 250),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]  # fmt: skip
         if tls_ca is None:
             self.channel = grpc.aio.insecure_channel(target, options=options)
         else:

@@ -7,6 +7,7 @@ max_body_bytes = 4_194_304
 body_timeout = 30.0             # seconds to receive a whole request body
 first_token_timeout = 60.0      # seconds for a backend to produce its first token
 request_timeout = 600.0         # seconds for a whole request
+rate_limit_failure = "open"     # Redis down: "open" admits unlimited, "closed" answers 503
 
 [[models]]
 id = "SmolLM2-135M-Instruct"
@@ -28,7 +29,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -70,6 +71,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool_urls: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:50051"])
     auth_grpc: str = "127.0.0.1:8081"
     redis_url: str | None = None
+    # With Redis down: "open" admits without limits (default), "closed" refuses with 503.
+    rate_limit_failure: Literal["open", "closed"] = "open"
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     body_timeout: Annotated[float, Meta(gt=0)] = 30.0
     first_token_timeout: Annotated[float, Meta(gt=0)] = 60.0
@@ -81,7 +84,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 _FILE_KEYS = {"max_body_bytes", "body_timeout", "first_token_timeout", "request_timeout",
-              "workers", "host", "port"}  # fmt: skip
+              "workers", "host", "port", "rate_limit_failure"}  # fmt: skip
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -120,6 +123,7 @@ def load_config(
         "pool_urls": env.get("INFERENCE_POOL_URL"),
         "auth_grpc": env.get("AUTH_SERVICE_GRPC"),
         "redis_url": env.get("REDIS_URL"),
+        "rate_limit_failure": env.get("HELIXFLOW_RATE_LIMIT_FAILURE"),
     }
     for key, value in (*from_env.items(), *flags.items()):
         if value is None or value == "":

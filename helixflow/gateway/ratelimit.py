@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from helixflow.errors import RateLimitError
+from helixflow.errors import OverloadedError, RateLimitError
 
 __all__ = [
     "Admission",
@@ -329,14 +329,19 @@ class RedisRateLimiter(RateLimiter):
     lost it): the check and both consumptions are atomic across replicas, and time is Redis's
     (``TIME``), so replicas with skewed clocks agree.
 
-    NOTE: fails open. If Redis cannot be reached (or answers nonsense), `admit` admits without
-    limits and `settle` does nothing; `redis_errors` counts these, and a warning is logged when
-    failures start. A gateway must keep serving while its shared limiter is down.
+    NOTE: fails open by default. If Redis cannot be reached (or answers nonsense), `admit`
+    admits without limits and `settle` does nothing: a gateway keeps serving while its shared
+    limiter is down. With `fail_closed`, `admit` refuses with 503 (``rate_limiter_unavailable``,
+    Retry-After 1) instead, for deployments where an unmetered request costs more than a
+    refused one. Either way `redis_errors` counts the failures and one warning is logged when
+    they start (another when Redis is back).
     """
 
-    def __init__(self, client: aioredis.Redis, *, close_client: bool = False) -> None:
+    def __init__(self, client: aioredis.Redis, *, close_client: bool = False,
+                 fail_closed: bool = False) -> None:  # fmt: skip
         self._client = client
         self._close_client = close_client
+        self.fail_closed = fail_closed
         self._script = client.register_script(_APPLY_LUA)
         self.redis_errors = 0
         self._failing = False
@@ -351,7 +356,12 @@ class RedisRateLimiter(RateLimiter):
             self.redis_errors += 1
             if not self._failing:
                 self._failing = True
-                log.warning("rate limiter: Redis unavailable, limits not enforced: %r", exc)
+                log.warning("rate limiter: Redis unavailable, %s: %r", "requests refused (503)"
+                            if self.fail_closed else "limits not enforced", exc)  # fmt: skip
+            if self.fail_closed and not force:
+                raise OverloadedError("The rate limiter is unavailable; try again shortly.",
+                                      code="rate_limiter_unavailable",
+                                      retry_after=1.0) from None  # fmt: skip
             return None
         if self._failing:
             self._failing = False
@@ -364,10 +374,10 @@ class RedisRateLimiter(RateLimiter):
             await self._client.aclose()
 
 
-def make_rate_limiter(redis_url: str | None) -> RateLimiter:
+def make_rate_limiter(redis_url: str | None, *, fail_closed: bool = False) -> RateLimiter:
     """A `RedisRateLimiter` on `redis_url` (shared by replicas), else a `MemoryRateLimiter`."""
     if not redis_url:
         return MemoryRateLimiter()
     # NOTE: short timeouts: a stalled Redis must cost a request milliseconds, not seconds.
     client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    return RedisRateLimiter(client, close_client=True)
+    return RedisRateLimiter(client, close_client=True, fail_closed=fail_closed)

@@ -499,25 +499,38 @@ def test_admin_cli_on_a_running_service(tmp_path: Path) -> None:
             service.close()
 
 
-def test_validator_fails_closed_while_auth_is_down(tmp_path: Path) -> None:
+def test_while_auth_is_down_tokens_pass_for_a_grace_and_api_keys_fail_closed(
+        tmp_path: Path) -> None:  # fmt: skip
     with provision("sqlite", tmp_path) as database:
         service = Service(database, tmp_path)
         try:
             token = service.auth.login("alice", PASSWORD)["access_token"]
+            made = service.auth.admin("create-key", "alice", "--json")
+            assert made.returncode == 0, made.stderr
+            key = json.loads(made.stdout)["key"]
             service.validator.close()
-            service.validator = Validator(service.auth.grpc_target, max_staleness=1.0)
+            service.validator = Validator(service.auth.grpc_target, max_staleness=1.0,
+                                          outage_grace=3.0)  # fmt: skip
             assert service.validator.authenticate(token)
+            assert service.validator.authenticate(key)  # cached now
             assert service.auth.stop() == 0
             time.sleep(1.5)  # no heartbeat for longer than max_staleness
+            # JWTs verify locally with the cached keys and the last known revocations...
+            assert service.validator.authenticate(token).user_id == service.alice_id
+            # ... API keys need the auth service: closed, even a cached one.
             with pytest.raises(OverloadedError) as caught:
-                service.validator.authenticate(token)
+                service.validator.authenticate(key)
             assert caught.value.status == 503
+            time.sleep(3.0)  # past the outage grace: tokens fail closed too
+            with pytest.raises(OverloadedError):
+                service.validator.authenticate(token)
             service.auth.start()  # same ports: the validator reconnects and resyncs
             deadline = time.monotonic() + 15
             while not service.validator.client.stream_healthy:
                 assert time.monotonic() < deadline, "the validator never resynced"
                 time.sleep(0.1)
             assert service.validator.authenticate(token).user_id == service.alice_id
+            assert service.validator.authenticate(key).user_id == service.alice_id
             assert service.validator.client.stream_connects >= 2
         finally:
             service.close()

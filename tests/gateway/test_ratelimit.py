@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from process_testing import RedisServer
 
-from helixflow.errors import RateLimitError
+from helixflow.errors import OverloadedError, RateLimitError
 from helixflow.gateway.ratelimit import (
     Admission,
     MemoryRateLimiter,
@@ -349,6 +349,31 @@ def test_redis_fails_open(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
 
     try:
         run(lambda: limiter, body)
+    finally:
+        server.close()
+
+
+def test_redis_fails_closed_when_asked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = start_redis(tmp_path)
+    url = server.url
+
+    async def body(limiter: RateLimiter) -> None:
+        assert isinstance(limiter, RedisRateLimiter) and limiter.fail_closed
+        admission = await limiter.admit("k", 5, 100, 10)
+        server.close()
+        with caplog.at_level(logging.WARNING, "helixflow.gateway.ratelimit"):
+            for _ in range(2):
+                with pytest.raises(OverloadedError) as caught:
+                    await limiter.admit("k", 5, 100, 10)
+                assert (caught.value.status, caught.value.code) == (503,
+                                                                    "rate_limiter_unavailable")
+                assert caught.value.retry_after == 1.0
+            await limiter.settle(admission, 0)  # never raises, even closed
+        assert len([r for r in caplog.records if "requests refused" in r.message]) == 1
+        assert limiter.redis_errors == 3
+
+    try:
+        run(lambda: make_rate_limiter(url, fail_closed=True), body)
     finally:
         server.close()
 
