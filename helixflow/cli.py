@@ -134,6 +134,12 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="require client certificates signed by this CA (mTLS)",
     )
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
+    parser.add_argument("--register", metavar="REDIS_URL",
+                        help="register in this Redis (a heartbeat every second) so that gateways "
+                        "with --discover-pools find this pool (default: $HELIXFLOW_REGISTER)")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="the address gateways dial (default: $HELIXFLOW_ADVERTISE, else "
+                        "--host:--port, with this host's address for 0.0.0.0)")  # fmt: skip
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
@@ -217,6 +223,9 @@ def _add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auth service gRPC (default: $AUTH_SERVICE_GRPC or "
                         "127.0.0.1:8081)")  # fmt: skip
     parser.add_argument("--redis-url", help="shared rate limits (default: $REDIS_URL)")
+    parser.add_argument("--discover-pools", action="store_true", default=None,
+                        help="also route to the pools registered in Redis (--redis-url; "
+                        "pools started with --register)")  # fmt: skip
     parser.add_argument("--rate-limit-failure", choices=("open", "closed"),
                         help="while Redis is down: admit without limits (open, the default) or "
                         "refuse with 503 (closed); $HELIXFLOW_RATE_LIMIT_FAILURE")  # fmt: skip
@@ -234,7 +243,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     flags = {k: getattr(args, k) for k in ("host", "port", "workers", "tls_cert", "tls_key",
                                            "pool_urls", "auth_grpc", "redis_url", "log_format",
-                                           "rate_limit_failure")}
+                                           "rate_limit_failure", "discover_pools")}
     flags["insecure_no_auth"] = args.insecure_no_auth or None
     try:
         config = load_config(flags, os.environ, config_path=args.config)

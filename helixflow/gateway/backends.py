@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,6 +24,9 @@ from helixflow._proto import inference_pb2_grpc as pb_grpc
 from helixflow.errors import ConfigError, NotFoundError, OverloadedError
 from helixflow.gateway.config import GatewayConfig
 from helixflow.gateway.upstream_http import UpstreamClient, UpstreamResponse
+
+if TYPE_CHECKING:
+    from helixflow.discovery import PoolDirectory
 
 __all__ = ["CircuitBreaker", "ModelRoute", "PoolBackend", "Registry", "UpstreamBackend"]
 
@@ -218,6 +221,13 @@ class Registry:
                     self._upstreams.append(upstream)
                     route.backends.append((upstream, backend.model or model.id))
         self._task: asyncio.Task[None] | None = None
+        self._static = set(self._pools)  # given by address: never removed
+        self._directory: PoolDirectory | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        if config.discover_pools and config.redis_url:
+            from helixflow.discovery import PoolDirectory
+
+            self._directory = PoolDirectory(config.redis_url)
 
     def _pool(self, target: str, tls_ca: str | None) -> PoolBackend:
         if target not in self._pools:
@@ -232,7 +242,27 @@ class Registry:
         await self.refresh()
         self._task = asyncio.create_task(self._watch())
 
+    async def _discover_pools(self) -> None:
+        """Add the pools registered in Redis, drop those whose registration ended."""
+        assert self._directory is not None
+        registered = await self._directory.pools()
+        if registered is None:  # Redis unreadable: keep routing to what we know
+            return
+        for address in registered.keys() - self._pools.keys():
+            log.info("pool registry: found pool %s", address)
+            self._pool(address, None)
+        for address in self._pools.keys() - registered.keys() - self._static:
+            pool = self._pools.pop(address)
+            log.info("pool registry: pool %s left", address)
+            for route in self.routes.values():
+                route.backends = [(b, n) for b, n in route.backends if b is not pool]
+            task = asyncio.get_running_loop().create_task(_close_when_idle(pool))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def refresh(self) -> None:
+        if self._directory is not None:
+            await self._discover_pools()
         await asyncio.gather(*(pool.refresh() for pool in self._pools.values()))
         for pool in self._pools.values():
             for info in pool.models.values():
@@ -277,3 +307,13 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
+        if self._directory is not None:
+            await self._directory.close()
+
+
+async def _close_when_idle(pool: PoolBackend, timeout: float = 600.0) -> None:
+    """Close a pool that left the registry once its requests here are done."""
+    deadline = time.monotonic() + timeout
+    while pool.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    await pool.close()

@@ -71,6 +71,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool_urls: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:50051"])
     auth_grpc: str = "127.0.0.1:8081"
     redis_url: str | None = None
+    # Route also to the pools registered in Redis (helixflow.discovery); needs redis_url.
+    discover_pools: bool = False
     # With Redis down: "open" admits without limits (default), "closed" refuses with 503.
     rate_limit_failure: Literal["open", "closed"] = "open"
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
@@ -84,7 +86,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 _FILE_KEYS = {"max_body_bytes", "body_timeout", "first_token_timeout", "request_timeout",
-              "workers", "host", "port", "rate_limit_failure"}  # fmt: skip
+              "workers", "host", "port", "rate_limit_failure", "discover_pools"}  # fmt: skip
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -124,6 +126,7 @@ def load_config(
         "auth_grpc": env.get("AUTH_SERVICE_GRPC"),
         "redis_url": env.get("REDIS_URL"),
         "rate_limit_failure": env.get("HELIXFLOW_RATE_LIMIT_FAILURE"),
+        "discover_pools": {"1": True, "true": True}.get(env.get("HELIXFLOW_DISCOVER_POOLS", "")),
     }
     for key, value in (*from_env.items(), *flags.items()):
         if value is None or value == "":
@@ -140,6 +143,14 @@ def load_config(
         config = msgspec.convert(raw, GatewayConfig)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config: {exc}") from None
+    if config.discover_pools and not config.redis_url:
+        raise ConfigError("discover_pools needs redis_url (--redis-url or REDIS_URL)")
+    if config.discover_pools and config.models:
+        raise ConfigError("discover_pools routes by the pools' own models: it cannot be "
+                          "combined with [[models]]")  # fmt: skip
+    if config.discover_pools and "pool_urls" not in raw:
+        # NOTE: the default pool address is only a default: with discovery, none is assumed.
+        config = msgspec.structs.replace(config, pool_urls=[])
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("TLS_CERT and TLS_KEY: give both or neither")
     for model in config.models:

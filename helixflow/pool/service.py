@@ -77,6 +77,8 @@ class PoolOptions:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     metrics_port: int | None = None  # Prometheus over HTTP; None: port + 1, 0: off
+    register_url: str | None = None  # Redis of the pool registry (helixflow.discovery)
+    advertise: str | None = None  # the address registered; None: host:port
 
 
 @dataclass
@@ -344,6 +346,14 @@ class PoolServicer(pb_grpc.InferencePoolServicer):
             ))  # fmt: skip
         return pb.LoadResponse(models=models, draining=self.draining)
 
+    def registry_record(self) -> dict[str, Any]:
+        """What the pool registry holds for this pool (helixflow.discovery)."""
+        load = {c.model_id: {"running": c.front.load.running, "waiting": c.front.load.waiting,
+                             "kv_cache_usage": c.front.load.kv_cache_usage}
+                for c in self.chats.values()}  # fmt: skip
+        return {"models": [*self.chats, *self.embeds], "load": load, "draining": self.draining,
+                "serving": self.serving()}  # fmt: skip
+
     # ---- health -----------------------------------------------------------------------------
     def serving(self) -> bool:
         """Every engine alive and making progress, and not draining."""
@@ -440,6 +450,13 @@ async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int
             await asyncio.sleep(0.25)
 
     watcher = asyncio.create_task(watch_health())
+    announcer = None
+    if opts.register_url:
+        from helixflow.discovery import PoolAnnouncer
+
+        announcer = PoolAnnouncer(opts.register_url, advertised_address(opts),
+                                  lambda: servicer.registry_record())  # fmt: skip
+        await announcer.start()
     names = ", ".join([*chats, *embeds])
     log.info("inference pool serving %s on %s", names, address)
     print(f"helixflow pool: serving {names} on {address}", flush=True)
@@ -447,6 +464,8 @@ async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int
         ready.set()
     await stop.wait()
     servicer.draining = True
+    if announcer is not None:  # out of the registry first: gateways send no new work
+        await announcer.close()
     log.info("draining: %d requests in flight", servicer.in_flight)
     deadline = time.monotonic() + opts.shutdown_timeout
     while servicer.in_flight and time.monotonic() < deadline:
@@ -457,6 +476,19 @@ async def serve(opts: PoolOptions, *, ready: asyncio.Event | None = None) -> int
         c.front.shutdown()
     log.info("stopped")
     return 0
+
+
+def advertised_address(opts: PoolOptions) -> str:
+    """What the pool registers: `advertise`, else host:port (this host's address for a
+    wildcard host)."""
+    if opts.advertise:
+        return opts.advertise
+    host = opts.host
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        host = socket.gethostbyname(socket.gethostname())
+    return f"{host}:{opts.port}"
 
 
 FAULT_STALL_SECONDS = 5.0
@@ -492,4 +524,6 @@ def options_from_args(args: Any, env: Mapping[str, str]) -> PoolOptions:
         tls_key=args.tls_key or env.get("TLS_KEY") or None,
         tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port,
+        register_url=args.register or env.get("HELIXFLOW_REGISTER") or None,
+        advertise=args.advertise or env.get("HELIXFLOW_ADVERTISE") or None,
     )  # fmt: skip
