@@ -134,6 +134,7 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="require client certificates signed by this CA (mTLS)",
     )
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--register", metavar="REDIS_URL",
                         help="register in this Redis (a heartbeat every second) so that gateways "
                         "with --discover-pools find this pool (default: $HELIXFLOW_REGISTER)")
@@ -143,12 +144,12 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    import logging
     import os
 
+    from helixflow.logs import configure_logging
     from helixflow.pool.service import options_from_args, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_format)
     return _run_service("pool", lambda: serve(options_from_args(args, os.environ)))
 
 
@@ -223,6 +224,8 @@ def _add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auth service gRPC (default: $AUTH_SERVICE_GRPC or "
                         "127.0.0.1:8081)")  # fmt: skip
     parser.add_argument("--redis-url", help="shared rate limits (default: $REDIS_URL)")
+    parser.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                        help="on SIGTERM, how long open requests get to finish (default 30)")
     parser.add_argument("--discover-pools", action="store_true", default=None,
                         help="also route to the pools registered in Redis (--redis-url; "
                         "pools started with --register)")  # fmt: skip
@@ -243,7 +246,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     flags = {k: getattr(args, k) for k in ("host", "port", "workers", "tls_cert", "tls_key",
                                            "pool_urls", "auth_grpc", "redis_url", "log_format",
-                                           "rate_limit_failure", "discover_pools")}
+                                           "rate_limit_failure", "discover_pools",
+                                           "shutdown_timeout")}
     flags["insecure_no_auth"] = args.insecure_no_auth or None
     try:
         config = load_config(flags, os.environ, config_path=args.config)

@@ -8,6 +8,7 @@ body_timeout = 30.0             # seconds to receive a whole request body
 first_token_timeout = 60.0      # seconds for a backend to produce its first token
 request_timeout = 600.0         # seconds for a whole request
 rate_limit_failure = "open"     # Redis down: "open" admits unlimited, "closed" answers 503
+shutdown_timeout = 30.0         # SIGTERM: seconds open requests get to finish
 
 [[models]]
 id = "SmolLM2-135M-Instruct"
@@ -79,6 +80,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     body_timeout: Annotated[float, Meta(gt=0)] = 30.0
     first_token_timeout: Annotated[float, Meta(gt=0)] = 60.0
     request_timeout: Annotated[float, Meta(gt=0)] = 600.0
+    # SIGTERM: seconds open requests get to finish before the workers are killed.
+    shutdown_timeout: Annotated[float, Meta(ge=1, le=86_400)] = 30.0
     log_format: str = "text"
     models: list[ModelConfig] = []
     # Tests and benchmarks only: authentication off (never in production; warned loudly).
@@ -86,7 +89,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 _FILE_KEYS = {"max_body_bytes", "body_timeout", "first_token_timeout", "request_timeout",
-              "workers", "host", "port", "rate_limit_failure", "discover_pools"}  # fmt: skip
+              "workers", "host", "port", "rate_limit_failure", "discover_pools",
+              "shutdown_timeout"}  # fmt: skip
 
 
 def _read_file(path: Path) -> dict[str, Any]:

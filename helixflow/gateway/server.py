@@ -72,7 +72,8 @@ def run(config: GatewayConfig) -> int:
         interface=Interfaces.ASGI, workers=config.workers, loop=Loops.uvloop,
         http=HTTPModes.auto, factory=True, log_enabled=False, backlog=2048,
         http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
-        respawn_failed_workers=True, workers_kill_timeout=30, **tls,
+        respawn_failed_workers=True,
+        workers_kill_timeout=max(1, int(config.shutdown_timeout)), **tls,
     )  # fmt: skip
     scheme = "https" if tls else "http"
     print(f"helixflow gateway: {scheme}://{config.host}:{config.port} "
