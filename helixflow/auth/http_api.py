@@ -292,7 +292,7 @@ class AuthHttpApp:
         self.metrics.observe(route or "other", response.status, time.perf_counter() - started)
         # NOTE: monitoring probes /health and /metrics every second: only failures get a line.
         if response.status != 200 or route not in _PROBE_ROUTES:
-            log.info("%s %s %d %.1fms id=%s", scope["method"], scope["path"][:200],
+            log.info("%s %s %d %.1fms id=%s", scope["method"], _printable(scope["path"][:200]),
                      response.status, (time.perf_counter() - started) * 1e3,
                      request_id)  # fmt: skip
 
@@ -357,7 +357,8 @@ class AuthHttpApp:
         except HelixFlowError as exc:
             return Response(exc.status, exc.to_openai())
         except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            log.exception("unhandled error on %s %s", scope["method"],
+                          _printable(scope["path"][:200]))  # fmt: skip
             return _error(500, "internal_error", "internal error")
 
     # -- helpers -----------------------------------------------------------------------------
@@ -563,6 +564,16 @@ class AuthHttpApp:
         await self._admin(request)
         kid = await self._call(self.core.rotate_keys)
         return Response(200, {"kid": kid})
+
+
+# Control characters and Unicode line breaks as \xNN/\uNNNN (the path is percent-decoded:
+# a client's %0D%0A must not start a forged log line).
+_ESCAPES = {c: f"\\x{c:02x}" if c < 256 else f"\\u{c:04x}"
+            for c in (*range(32), *range(127, 160), 0x2028, 0x2029)}  # fmt: skip
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else text.translate(_ESCAPES)
 
 
 def _error(status: int, code: str, message: str) -> Response:

@@ -20,6 +20,10 @@ __all__ = ["AccessLog"]
 
 FLUSH_S = 0.05
 _LOGGER = "helixflow.gateway.access"
+# Control characters and Unicode line breaks as \xNN/\uNNNN: what a client sent stays
+# readable, on one line.
+_ESCAPES = {c: f"\\x{c:02x}" if c < 256 else f"\\u{c:04x}"
+            for c in (*range(32), *range(127, 160), 0x2028, 0x2029)}  # fmt: skip
 
 
 class AccessLog:
@@ -46,6 +50,8 @@ class AccessLog:
                request_id: str) -> None:  # fmt: skip
         stamp, millis = self._now()
         msg = f"{method} {path} {status} {ms:.1f}ms model={model} user={user}"
+        if not msg.isprintable():  # a client's CR/LF in the path or model forges no line
+            msg = msg.translate(_ESCAPES)
         if self.json:
             line = msgspec.json.encode({
                 "ts": f"{stamp}.{millis:03d}Z", "level": "info", "logger": _LOGGER, "msg": msg,

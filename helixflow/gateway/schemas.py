@@ -28,8 +28,12 @@ __all__ = [
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
-TokenId = Annotated[int, Meta(ge=0)]
+# NOTE: integers travel to the pool as protobuf int32 (int64 for the seed): a larger value
+# would fail when the request is built, so it is refused here, as a 400 naming the field.
+INT32_MAX = 2**31 - 1
+PositiveInt = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=16)] | None
 
 
@@ -60,7 +64,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     presence_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -68,11 +72,11 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     top_p: Probability | None = None
     user: str | None = None
     # vLLM-style extras
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
     min_p: Probability | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] | None = None
     stop_token_ids: list[TokenId] | None = None
 
 
@@ -114,7 +118,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     # `openai_pool.prompts_of` checks that the items agree)
     prompt: str | list[str | TokenId | list[TokenId]]
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+    max_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] | None = None
     best_of: Annotated[int, Meta(ge=1, le=20)] | None = None
     echo: bool | None = None
     suffix: str | None = None
