@@ -220,6 +220,12 @@ def _add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", action="append", dest="pool_urls", metavar="HOST:PORT",
                         help="inference pool(s) when the config names no models "
                         "(default: $INFERENCE_POOL_URL or 127.0.0.1:50051)")  # fmt: skip
+    parser.add_argument("--auth-tls-ca", metavar="PEM",
+                        help="auth serves gRPC over TLS: the CA that signed its certificate")
+    parser.add_argument("--pool-tls-ca", metavar="PEM", help="the pools serve TLS: their CA")
+    parser.add_argument("--pool-tls-cert", metavar="PEM",
+                        help="the pools require client certificates (mTLS): the gateway's")
+    parser.add_argument("--pool-tls-key", metavar="PEM", help="its private key")
     parser.add_argument("--auth", dest="auth_grpc", metavar="HOST:PORT",
                         help="auth service gRPC (default: $AUTH_SERVICE_GRPC or "
                         "127.0.0.1:8081)")  # fmt: skip
@@ -247,7 +253,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("host", "port", "workers", "tls_cert", "tls_key",
                                            "pool_urls", "auth_grpc", "redis_url", "log_format",
                                            "rate_limit_failure", "discover_pools",
-                                           "shutdown_timeout")}
+                                           "shutdown_timeout", "pool_tls_ca", "pool_tls_cert",
+                                           "pool_tls_key", "auth_tls_ca")}
     flags["insecure_no_auth"] = args.insecure_no_auth or None
     try:
         config = load_config(flags, os.environ, config_path=args.config)

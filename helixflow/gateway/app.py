@@ -174,7 +174,16 @@ class Gateway:
         if self.auth is None and not self.config.insecure_no_auth:
             from helixflow.auth.client import AuthClient
 
-            self.auth = AuthClient(self.config.auth_grpc, name=f"gateway:{self.config.port}")
+            credentials = None
+            if self.config.auth_tls_ca:  # auth serves gRPC over TLS (its TLS_CERT)
+                from pathlib import Path
+
+                import grpc
+
+                root = Path(self.config.auth_tls_ca).read_bytes()  # checked by load_config
+                credentials = grpc.ssl_channel_credentials(root_certificates=root)
+            self.auth = AuthClient(self.config.auth_grpc, name=f"gateway:{self.config.port}",
+                                   credentials=credentials)  # fmt: skip
         if self.auth is not None:
             await self.auth.start(wait=5.0)
         else:

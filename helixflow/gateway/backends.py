@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,12 +75,37 @@ class CircuitBreaker:
             self._opened_at = time.monotonic()
 
 
+@dataclass(frozen=True)
+class PoolTls:
+    """How the gateway reaches a pool over TLS: the CA that signed the pool's certificate and,
+    for a pool that requires client certificates (mTLS), the gateway's own pair."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(option: str, path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{option}: cannot read {path} ({exc.strerror})") from None
+
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("pool TLS: give the client certificate and its key together")
+        return grpc.ssl_channel_credentials(root_certificates=read("tls_ca", self.ca),
+                                            private_key=read("tls_key", self.key),
+                                            certificate_chain=read("tls_cert", self.cert))
+
+
 class PoolBackend:
     """One inference pool: a gRPC channel, its models and its last reported load."""
 
     kind = "pool"
 
-    def __init__(self, target: str, *, tls_ca: str | None = None) -> None:
+    def __init__(self, target: str, *, tls: PoolTls | None = None) -> None:
         self.target = target
         # NOTE: gRPC's reconnect back-off grows to two minutes by default: a pool that comes
         # back would wait that long to rejoin. One second keeps the rejoin prompt.
@@ -88,15 +114,10 @@ class PoolBackend:
                    ("grpc.initial_reconnect_backoff_ms", 250),
                    ("grpc.min_reconnect_backoff_ms", 250),
                    ("grpc.max_reconnect_backoff_ms", 1000)]  # fmt: skip
-        if tls_ca is None:
+        if tls is None or (tls.ca is None and tls.cert is None):
             self.channel = grpc.aio.insecure_channel(target, options=options)
         else:
-            try:
-                root = Path(tls_ca).read_bytes()
-            except OSError as exc:
-                raise ConfigError(f"tls_ca: cannot read {tls_ca} ({exc.strerror})") from None
-            creds = grpc.ssl_channel_credentials(root_certificates=root)
-            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+            self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         self.stub: Any = pb_grpc.InferencePoolStub(self.channel)  # type: ignore[no-untyped-call]
         self.breaker = CircuitBreaker()
         self.models: dict[str, pb.ModelInfo] = {}
@@ -203,15 +224,18 @@ class Registry:
         self.routes: dict[str, ModelRoute] = {}
         self.aliases: dict[str, str] = {}
         self._discover = not config.models
+        # Pools named by address (and found in the registry) share the gateway-wide TLS.
+        self._pool_tls = PoolTls(config.pool_tls_ca, config.pool_tls_cert, config.pool_tls_key)
         for url in config.pool_urls if self._discover else ():
-            self._pool(url, None)
+            self._pool(url, self._pool_tls)
         for model in config.models:
             route = self.routes.setdefault(model.id, ModelRoute(model.id))
             for alias in model.aliases:
                 self.aliases[alias] = model.id
             for backend in model.backends:
                 if backend.pool is not None:
-                    route.backends.append((self._pool(backend.pool, backend.tls_ca),
+                    tls = PoolTls(backend.tls_ca, backend.tls_cert, backend.tls_key)
+                    route.backends.append((self._pool(backend.pool, tls),
                                            backend.model or model.id))  # fmt: skip
                 else:
                     assert backend.openai is not None
@@ -229,9 +253,9 @@ class Registry:
 
             self._directory = PoolDirectory(config.redis_url)
 
-    def _pool(self, target: str, tls_ca: str | None) -> PoolBackend:
+    def _pool(self, target: str, tls: PoolTls) -> PoolBackend:
         if target not in self._pools:
-            self._pools[target] = PoolBackend(target, tls_ca=tls_ca)
+            self._pools[target] = PoolBackend(target, tls=tls)
         return self._pools[target]
 
     @property
@@ -250,7 +274,7 @@ class Registry:
             return
         for address in registered.keys() - self._pools.keys():
             log.info("pool registry: found pool %s", address)
-            self._pool(address, None)
+            self._pool(address, self._pool_tls)
         for address in self._pools.keys() - registered.keys() - self._static:
             pool = self._pools.pop(address)
             log.info("pool registry: pool %s left", address)

@@ -49,6 +49,8 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_key_env: str | None = None
     model: str | None = None  # the upstream's name for the model (default: the model id)
     tls_ca: str | None = None  # a pool served over TLS: the CA to trust
+    tls_cert: str | None = None  # a pool requiring mTLS: the gateway's client certificate
+    tls_key: str | None = None  # ... and its private key
 
     def __post_init__(self) -> None:
         if (self.pool is None) == (self.openai is None):
@@ -70,7 +72,12 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     pool_urls: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:50051"])
+    # Pools named by address or found in the registry, served over TLS (mTLS with a pair).
+    pool_tls_ca: str | None = None
+    pool_tls_cert: str | None = None
+    pool_tls_key: str | None = None
     auth_grpc: str = "127.0.0.1:8081"
+    auth_tls_ca: str | None = None  # auth serves gRPC over TLS: the CA to trust
     redis_url: str | None = None
     # Route also to the pools registered in Redis (helixflow.discovery); needs redis_url.
     discover_pools: bool = False
@@ -90,7 +97,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 _FILE_KEYS = {"max_body_bytes", "body_timeout", "first_token_timeout", "request_timeout",
               "workers", "host", "port", "rate_limit_failure", "discover_pools",
-              "shutdown_timeout"}  # fmt: skip
+              "shutdown_timeout", "pool_tls_ca", "pool_tls_cert", "pool_tls_key",
+              "auth_tls_ca"}  # fmt: skip
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -155,6 +163,12 @@ def load_config(
     if config.discover_pools and "pool_urls" not in raw:
         # NOTE: the default pool address is only a default: with discovery, none is assumed.
         config = msgspec.structs.replace(config, pool_urls=[])
+    for option in ("auth_tls_ca", "pool_tls_ca", "pool_tls_cert", "pool_tls_key"):
+        path = getattr(config, option)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{option}: no such file {path}")
+    if (config.pool_tls_cert is None) != (config.pool_tls_key is None):
+        raise ConfigError("pool_tls_cert and pool_tls_key: give both or neither")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("TLS_CERT and TLS_KEY: give both or neither")
     for model in config.models:

@@ -630,5 +630,19 @@ def test_tls_on_both_ports(tmp_path: Path) -> None:
                 assert validator.client.stream_healthy
             finally:
                 validator.close()
+            # A gateway reaches auth over TLS, trusting its CA (--auth-tls-ca).
+            from process_testing import Process, free_port
+
+            port = free_port()
+            gateway = Process(["gateway", "--port", str(port), "--auth", auth.grpc_target,
+                               "--auth-tls-ca", str(pki["ca"]), "--pool",
+                               f"127.0.0.1:{free_port()}"], auth.env,
+                              tmp_path / "gateway.log")  # fmt: skip
+            try:
+                url = f"http://127.0.0.1:{port}/v1/models"
+                bearer = {"Authorization": f"Bearer {token}"}
+                gateway.ready(lambda: httpx.get(url, headers=bearer).status_code == 200, 60)
+            finally:
+                gateway.stop()
         finally:
             assert auth.stop() == 0

@@ -290,6 +290,33 @@ def test_mtls_accepts_only_clients_with_a_certificate_from_the_ca(
             with channel, pytest.raises(grpc.RpcError) as err:
                 pb_grpc.InferencePoolStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A gateway presents its client certificate (--pool-tls-*); one without is refused.
+        import httpx
+        from process_testing import Process
+
+        tls = ["--pool-tls-ca", str(pki["ca"])]
+        pair = ["--pool-tls-cert", str(pki["client"]), "--pool-tls-key", str(pki["client_key"])]
+        gateways = {}
+        for name, extra in (("mtls", [*tls, *pair]), ("no-cert", tls)):
+            port = free_port()
+            gateways[name] = (port, Process(
+                ["gateway", "--port", str(port), "--pool", address, "--insecure-no-auth", *extra],
+                dict(os.environ), tmp_path / f"gateway-{name}.log"))  # fmt: skip
+        try:
+            port, mtls = gateways["mtls"]
+            url = f"http://127.0.0.1:{port}"
+            mtls.ready(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, 60)
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+            assert reply.status_code == 200, reply.text
+            port, plain = gateways["no-cert"]
+            url = f"http://127.0.0.1:{port}"
+            plain.ready(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 60)
+            time.sleep(1.5)  # a refresh or two: the pool still refuses it
+            assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
+        finally:
+            for _, process in gateways.values():
+                process.stop()
     finally:
         p.close()
 
