@@ -115,42 +115,36 @@ class NotFoundError(HelixFlowError):
     code = "not_found"
 
 
-class RateLimitError(HelixFlowError):
+class _RetryLater(HelixFlowError):
+    """An error after which the same request may succeed; `retry_after` (seconds), when
+    known, becomes the response's ``Retry-After``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
+class RateLimitError(_RetryLater):
     """A request or token rate limit is exhausted; `retry_after` is in seconds."""
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message, param=param, code=code)
-        self.retry_after = retry_after
 
-
-class OverloadedError(HelixFlowError):
+class OverloadedError(_RetryLater):
     """No healthy backend has capacity for the request right now (or a service the request
-    needs is unavailable); `retry_after`, in seconds, when it is known."""
+    needs is unavailable)."""
 
     status = 503
     code = "overloaded"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message, param=param, code=code)
-        self.retry_after = retry_after
 
 
 class EngineDeadError(HelixFlowError):
