@@ -34,6 +34,7 @@ _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_http_proxy", 0),
 ]
 
 
@@ -46,10 +47,10 @@ class ProbeResult:
     seconds: float
 
 
-def _get(url: str, context: ssl.SSLContext | None, timeout: float) -> tuple[int, bytes]:
+def _get(opener: urllib.request.OpenerDirector, url: str, timeout: float) -> tuple[int, bytes]:
     request = urllib.request.Request(url, headers={"accept": "application/json, text/plain"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as reply:
+        with opener.open(request, timeout=timeout) as reply:
             return int(reply.status), reply.read(_MAX_BODY)
     except urllib.error.HTTPError as exc:
         with exc:
@@ -88,13 +89,13 @@ class Prober:
     def __init__(self, *, ca: str | None = None, timeout_s: float = 1.0) -> None:
         self.timeout_s = timeout_s
         self.tls = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+        # NOTE: no proxy from the environment: the services are probed directly.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                   urllib.request.HTTPSHandler(context=self.tls))
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _context(self, url: str) -> ssl.SSLContext | None:
-        return self.tls if url.startswith("https:") else None
-
     async def http_get(self, url: str) -> tuple[int, bytes]:
-        return await asyncio.to_thread(_get, url, self._context(url), self.timeout_s)
+        return await asyncio.to_thread(_get, self._opener, url, self.timeout_s)
 
     async def health(self, target: Target) -> ProbeResult:
         started = time.monotonic()
