@@ -77,3 +77,18 @@ def transformers_offline() -> Iterator[Any]:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("TRANSFORMERS_VERBOSITY", "error")
         yield pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def platform_stack(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One pool + auth (tests/gateway/stack_testing.py `Stack`) shared by the suites that drive
+    the platform through gateways (gateway, client, security): each module starts its own
+    gateway(s) and keys on it, so none sees another's traffic in its gateway's log. Starting
+    the pool once instead of per module saves CI minutes."""
+    from gateway.stack_testing import Stack
+
+    stack = Stack(model_home, tmp_path_factory.mktemp("platform"))
+    try:
+        yield stack
+    finally:
+        stack.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TypedDict
 
 import httpx
@@ -33,18 +32,13 @@ class Urls(TypedDict):
 
 
 @pytest.fixture(scope="module")
-def stack(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    made = Stack(model_home, tmp_path_factory.mktemp("sdk-stack"))
-    try:
-        made.start_gateway()
-        yield made
-    finally:
-        made.close()
+def stack(platform_stack: Stack) -> Stack:
+    return platform_stack
 
 
 @pytest.fixture(scope="module")
 def urls(stack: Stack) -> Urls:
-    return {"base_url": f"https://127.0.0.1:{stack.gateways[0][1]}",
+    return {"base_url": f"https://127.0.0.1:{stack.start_gateway()}",
             "auth_url": f"http://127.0.0.1:{stack.auth_http}"}  # fmt: skip
 
 

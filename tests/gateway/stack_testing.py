@@ -83,6 +83,10 @@ class Stack:
         gateway.ready(ready, timeout=60)
         return port
 
+    def gateway(self, port: int) -> Process:
+        """The gateway process listening on `port`."""
+        return next(process for process, p in self.gateways if p == port)
+
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.pki["ca"]))
 

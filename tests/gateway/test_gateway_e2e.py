@@ -10,7 +10,6 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,13 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def stack(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    made = Stack(model_home, tmp_path_factory.mktemp("stack"))
-    try:
-        made.start_gateway()
-        yield made
-    finally:
-        made.close()
+def stack(platform_stack: Stack) -> Stack:
+    return platform_stack
 
 
 @pytest.fixture(scope="module")
 def port(stack: Stack) -> int:
-    return stack.gateways[0][1]
+    return stack.start_gateway()  # this module's own gateway on the shared platform
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +212,7 @@ def test_oversized_and_malformed_bodies(stack: Stack, port: int, key: str,
     reply = client.chat.completions.create(model=CHAT, messages=QUESTION,
                                            max_tokens=4)  # type: ignore[arg-type]  # fmt: skip
     assert reply.choices[0].message.content
-    log = stack.gateways[0][0].log.read_text()
+    log = stack.gateway(port).log.read_text()
     assert "Traceback" not in log
 
 
@@ -281,7 +275,7 @@ def test_operations_endpoints(stack: Stack, port: int, key: str) -> None:
     reply = stack.http(port, key).get("/v1/models", headers={"x-request-id": "trace-me-1"})
     assert reply.headers["x-request-id"] == "trace-me-1"
     deadline = time.monotonic() + 5  # the access log is written in batches
-    while "GET /v1/models 200" not in (log := stack.gateways[0][0].log.read_text()) or (
+    while "GET /v1/models 200" not in (log := stack.gateway(port).log.read_text()) or (
         "[trace-me-1]" not in log
     ):
         assert time.monotonic() < deadline, "no access line with the request id"
@@ -290,17 +284,17 @@ def test_operations_endpoints(stack: Stack, port: int, key: str) -> None:
     assert "/v1/chat/completions" in spec["paths"]
 
 
-def test_two_gateways_sharing_redis_hold_one_rpm_limit(model_home: Path, tmp_path: Path) -> None:
+def test_two_gateways_sharing_redis_hold_one_rpm_limit(stack: Stack, tmp_path: Path) -> None:
     from process_testing import RedisServer
 
     try:
         redis = RedisServer(tmp_path)
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    stack = Stack(model_home, tmp_path)
+    ports: list[int] = []
     try:
         env = {"REDIS_URL": redis.url}
-        ports = [stack.start_gateway(env=env), stack.start_gateway(env=env)]
+        ports += [stack.start_gateway(env=env), stack.start_gateway(env=env)]
         key = stack.key("--rpm", "10")
         clients = [stack.http(p, key) for p in ports]
         statuses = [clients[i % 2].post("/v1/embeddings", json={"model": EMBED, "input": "x"}
@@ -308,5 +302,6 @@ def test_two_gateways_sharing_redis_hold_one_rpm_limit(model_home: Path, tmp_pat
         assert statuses.count(200) == 10 and statuses.count(429) == 10, statuses
         assert statuses[:10] == [200] * 10  # the first ten, whichever gateway took them
     finally:
-        stack.close()
+        for started in ports:
+            stack.gateway(started).stop()
         redis.close()

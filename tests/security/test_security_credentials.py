@@ -18,8 +18,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -90,12 +89,8 @@ class Creds:
 
 
 @pytest.fixture(scope="module")
-def creds(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Creds]:
-    stack = Stack(model_home, tmp_path_factory.mktemp("security-credentials"))
-    try:
-        yield Creds(stack)
-    finally:
-        stack.close()
+def creds(security_stack: Stack) -> Creds:
+    return Creds(security_stack)
 
 
 def refused(creds: Creds, credential: str | None, path: str = "/v1/models") -> dict[str, Any]:

@@ -25,8 +25,6 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,12 +137,8 @@ def _cheap(case: Any, real: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
-    stack = Stack(model_home, tmp_path_factory.mktemp("security-fuzz"))
-    try:
-        yield Fuzz(stack)
-    finally:
-        stack.close()
+def fuzz(security_stack: Stack) -> Fuzz:
+    return Fuzz(security_stack)
 
 
 def _run(fuzz: Fuzz, operation: Any, mode: GenerationMode) -> None:

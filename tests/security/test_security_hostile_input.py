@@ -21,7 +21,6 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -66,12 +65,8 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def hostile(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
-    stack = Stack(model_home, tmp_path_factory.mktemp("security-hostile"))
-    try:
-        yield Hostile(stack)
-    finally:
-        stack.close()
+def hostile(security_stack: Stack) -> Hostile:
+    return Hostile(security_stack)
 
 
 def _json(value: Any) -> bytes:
