@@ -39,7 +39,7 @@ from helixflow.auth.principal import ADMIN_SCOPE, ALL_MODELS_SCOPE, Principal
 from helixflow.auth.revocations import RevocationEvent, RevocationSet
 from helixflow.auth.signing_keys import KeyRing
 from helixflow.auth.store import ROLES, ApiKey, Revocation, Store, StoreConflict, User
-from helixflow.auth.throttle import LoginThrottle
+from helixflow.auth.throttle import LoginThrottle, RedisLoginThrottle
 from helixflow.auth.tokens import InvalidTokenError, TokenIssuer, TokenVerifier
 from helixflow.errors import (
     AuthenticationError,
@@ -163,7 +163,7 @@ class AuthCore:
         master_key: bytes,
         settings: AuthSettings | None = None,
         *,
-        throttle: LoginThrottle | None = None,
+        throttle: LoginThrottle | RedisLoginThrottle | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.store = store

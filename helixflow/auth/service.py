@@ -40,6 +40,7 @@ from helixflow.auth.principal import Principal
 from helixflow.auth.revocations import RevocationEvent
 from helixflow.auth.signing_keys import generate_master_key, load_master_key
 from helixflow.auth.store import Store, open_store
+from helixflow.auth.throttle import RedisLoginThrottle
 from helixflow.errors import AuthenticationError, ConfigError
 
 __all__ = ["AuthOptions", "AuthServicer", "RevocationHub", "options_from_env", "serve"]
@@ -188,7 +189,9 @@ def open_core(opts: AuthOptions) -> AuthCore:
         Path(opts.database_path).parent.mkdir(parents=True, exist_ok=True)
     store: Store = open_store(opts.database_type, path=opts.database_path, url=opts.database_url)
     try:
-        return AuthCore(store, opts.master_key, opts.settings)
+        # NOTE: with Redis, replicas share login throttling (else each would allow the budget).
+        throttle = RedisLoginThrottle.from_url(opts.redis_url) if opts.redis_url else None
+        return AuthCore(store, opts.master_key, opts.settings, throttle=throttle)
     except BaseException:
         store.close()
         raise

@@ -230,3 +230,15 @@ def test_work_spreads_over_pools_and_a_draining_pool_gets_none(cluster: Cluster)
     long_one.join(120)
     assert finished == [200], "the draining pool's request did not finish"
     assert victim["proc"].proc.wait(60) == 0
+
+
+def test_login_throttling_is_shared_by_the_auth_replicas(cluster: Cluster) -> None:
+    cluster.admin("create-user", "victim", "--password-stdin", stdin="the right one 123\n")
+    for i in range(5):  # five wrong guesses, spread over both replicas
+        reply = httpx.post(f"{cluster.auths[i % 2]['url']}/v1/auth/login",
+                           json={"username": "victim", "password": f"guess {i}"})  # fmt: skip
+        assert reply.status_code == 401, reply.text
+    right = {"username": "victim", "password": "the right one 123"}
+    for auth in cluster.auths:  # locked on both, even for the right password
+        reply = httpx.post(f"{auth['url']}/v1/auth/login", json=right)
+        assert reply.status_code == 429 and reply.headers["retry-after"], reply.text

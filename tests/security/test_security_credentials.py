@@ -89,8 +89,8 @@ class Creds:
 
 
 @pytest.fixture(scope="module")
-def creds(security_stack: Stack) -> Creds:
-    return Creds(security_stack)
+def creds(platform_stack: Stack) -> Creds:
+    return Creds(platform_stack)
 
 
 def refused(creds: Creds, credential: str | None, path: str = "/v1/models") -> dict[str, Any]:

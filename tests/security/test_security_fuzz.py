@@ -137,8 +137,8 @@ def _cheap(case: Any, real: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz(security_stack: Stack) -> Fuzz:
-    return Fuzz(security_stack)
+def fuzz(platform_stack: Stack) -> Fuzz:
+    return Fuzz(platform_stack)
 
 
 def _run(fuzz: Fuzz, operation: Any, mode: GenerationMode) -> None:

@@ -65,8 +65,8 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def hostile(security_stack: Stack) -> Hostile:
-    return Hostile(security_stack)
+def hostile(platform_stack: Stack) -> Hostile:
+    return Hostile(platform_stack)
 
 
 def _json(value: Any) -> bytes:
