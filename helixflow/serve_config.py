@@ -25,7 +25,6 @@ environment, flags. The same file's ``[gateway]`` and ``[[models]]`` configure t
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +32,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from helixflow.config import config_file, read_toml
 from helixflow.errors import ConfigError
 
 __all__ = ["ServeConfig", "config_file", "load_serve_config"]
@@ -80,22 +80,8 @@ _INTS = {"port", "pool_port", "auth_port", "auth_http_port", "monitor_port",
          "monitor_http_port", "max_model_len"}  # fmt: skip
 
 
-def config_file(flag: str | None, env: Mapping[str, str]) -> Path | None:
-    """The ``helixflow.toml`` in use: the flag, else $HELIXFLOW_CONFIG, else ./helixflow.toml."""
-    path = flag or env.get("HELIXFLOW_CONFIG")
-    if path is None and Path("helixflow.toml").is_file():
-        path = "helixflow.toml"
-    return None if path is None else Path(path)
-
-
 def _read_section(path: Path) -> dict[str, Any]:
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {path} ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-    section = data.get("serve", {})
+    section = read_toml(path).get("serve", {})
     if not isinstance(section, dict):
         raise ConfigError(f"config: {path}: [serve] must be a table")
     return section

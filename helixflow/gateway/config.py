@@ -27,7 +27,6 @@ pool that has it.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,6 +34,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from helixflow.config import config_file, read_toml
 from helixflow.errors import ConfigError
 
 __all__ = ["BackendConfig", "GatewayConfig", "ModelConfig", "load_config"]
@@ -102,12 +102,7 @@ _FILE_KEYS = {"max_body_bytes", "body_timeout", "first_token_timeout", "request_
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {path} ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    data = read_toml(path)
     unknown = set(data) - {"gateway", "models", "serve"}  # [serve]: helixflow.serve_config
     if unknown:
         raise ConfigError(f"config: {path}: unknown section(s) {sorted(unknown)}")
@@ -125,11 +120,9 @@ def load_config(
     else ./helixflow.toml if present), the environment, flags (None: not given).
     ConfigError names the key at fault."""
     raw: dict[str, Any] = {}
-    path = config_path or env.get("HELIXFLOW_CONFIG")
-    if path is None and Path("helixflow.toml").is_file():
-        path = "helixflow.toml"
+    path = config_file(config_path, env)
     if path is not None:
-        raw.update(_read_file(Path(path)))
+        raw.update(_read_file(path))
     from_env = {
         "port": env.get("PORT"),
         "tls_cert": env.get("TLS_CERT"),
