@@ -32,6 +32,7 @@ log = logging.getLogger("helixflow.discovery")
 KEY_PREFIX: Final = "helixflow:pools:"
 HEARTBEAT_S: Final = 1.0
 TTL_S: Final = 3.0  # a dead pool disappears within this (three missed heartbeats)
+CALL_TIMEOUT_S: Final = 2.0  # every Redis call, whatever the client's own timeouts do
 
 
 def _client(url: str) -> aioredis.Redis:
@@ -51,6 +52,7 @@ class PoolAnnouncer:
         self._heartbeat_s = heartbeat_s
         self._ttl_ms = int(ttl_s * 1000)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._failing = False
         self.beats = 0
 
@@ -58,8 +60,9 @@ class PoolAnnouncer:
         """Write the record once; False (and one warning) while Redis cannot be reached."""
         body = json.dumps({**self._record(), "address": self.address, "at": time.time()})
         try:
-            await self._redis.set(self.key, body, px=self._ttl_ms)
-        except (RedisError, OSError) as exc:
+            await asyncio.wait_for(self._redis.set(self.key, body, px=self._ttl_ms),
+                                   CALL_TIMEOUT_S)  # fmt: skip
+        except (RedisError, OSError, TimeoutError) as exc:
             if not self._failing:
                 log.warning("pool registry: cannot register %s in Redis: %r", self.address, exc)
             self._failing = True
@@ -77,21 +80,28 @@ class PoolAnnouncer:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_s)
-            await self.beat()
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._heartbeat_s)
+            if not self._stopping.is_set():
+                await self.beat()
+
+    async def stop_heartbeat(self) -> None:
+        """Stop beating after the current beat (never cancelled mid-command: a Redis
+        connection cut mid-reply is not safe to reuse)."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, CALL_TIMEOUT_S + self._heartbeat_s)
+            self._task = None
 
     async def withdraw(self) -> None:
         """Stop the heartbeat and delete the key (the pool drains: no new work, please)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.stop_heartbeat()
         try:
-            await self._redis.delete(self.key)
+            await asyncio.wait_for(self._redis.delete(self.key), CALL_TIMEOUT_S)
             log.info("pool registry: withdrew %s", self.address)
-        except (RedisError, OSError) as exc:  # the key expires by itself
+        except (RedisError, OSError, TimeoutError) as exc:  # the key expires by itself
             log.warning("pool registry: could not withdraw %s: %r", self.address, exc)
 
     async def close(self) -> None:
@@ -110,9 +120,8 @@ class PoolDirectory:
         """Address → record of every registered pool; None when Redis cannot be read (the
         caller keeps what it knew)."""
         try:
-            keys = [k async for k in self._redis.scan_iter(match=KEY_PREFIX + "*", count=100)]
-            values = await self._redis.mget(keys) if keys else []
-        except (RedisError, OSError) as exc:
+            values = await asyncio.wait_for(self._read(), CALL_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as exc:
             if not self._failing:
                 log.warning("pool registry: cannot read Redis, keeping the known pools: %r", exc)
             self._failing = True
@@ -131,6 +140,10 @@ class PoolDirectory:
             if isinstance(address, str) and ":" in address:
                 found[address] = record
         return found
+
+    async def _read(self) -> list[Any]:
+        keys = [k async for k in self._redis.scan_iter(match=KEY_PREFIX + "*", count=100)]
+        return list(await self._redis.mget(keys)) if keys else []
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -26,8 +28,11 @@ class Process:
         self.args = args
         self.log = log
         self._log_file = log.open("w")
+        # NOTE: its own process group, so that `stop` can reap what it spawned (a gateway's
+        # granian workers) even when the service itself had to be killed.
         self.proc = subprocess.Popen([sys.executable, "-m", "helixflow", *args], env=dict(env),
-                                     stdout=self._log_file, stderr=subprocess.STDOUT)  # fmt: skip
+                                     stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
 
     def ready(self, probe: Callable[[], bool], timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -54,6 +59,8 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything of its group still running
         self._log_file.close()
         return int(self.proc.returncode)
 
