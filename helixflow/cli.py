@@ -199,14 +199,20 @@ def _add_auth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
 
 
-def _cmd_auth(args: argparse.Namespace) -> int:
+def _cmd_env_service(name: str, module: str, args: argparse.Namespace) -> int:
+    """Run the service of `module` (its ``options_from_env`` and ``serve``) from flags + env."""
+    import importlib
     import os
 
-    from helixflow.auth.service import options_from_env, serve
     from helixflow.logs import configure_logging
 
+    service = importlib.import_module(module)
     configure_logging(args.log_format)
-    return _run_service("auth", lambda: serve(options_from_env(args, os.environ)))
+    return _run_service(name, lambda: service.serve(service.options_from_env(args, os.environ)))
+
+
+def _cmd_auth(args: argparse.Namespace) -> int:
+    return _cmd_env_service("auth", "helixflow.auth.service", args)
 
 
 def _add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,13 +295,7 @@ def _add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    import os
-
-    from helixflow.logs import configure_logging
-    from helixflow.monitoring.service import options_from_env, serve
-
-    configure_logging(args.log_format)
-    return _run_service("monitor", lambda: serve(options_from_env(args, os.environ)))
+    return _cmd_env_service("monitor", "helixflow.monitoring.service", args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

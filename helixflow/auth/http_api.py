@@ -40,6 +40,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
+from helixflow.asgi import accept_lifespan
 from helixflow.auth.core import AuthCore
 from helixflow.auth.metrics import AuthMetrics
 from helixflow.auth.principal import API_KEY_PREFIX, Principal
@@ -268,13 +269,8 @@ class AuthHttpApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await accept_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         started = time.perf_counter()

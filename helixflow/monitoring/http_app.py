@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from helixflow.asgi import accept_lifespan
 from helixflow.monitoring.dashboards import grafana_dashboard, prometheus_config
 from helixflow.monitoring.monitor import Monitor
 from helixflow.monitoring.page import status_page
@@ -121,13 +122,8 @@ class MonitorHttpApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await accept_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         method = scope["method"]

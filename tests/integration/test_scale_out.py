@@ -140,8 +140,8 @@ def cluster(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def test_both_gateways_find_both_pools_in_the_registry(cluster: Cluster) -> None:
     keys = redis.Redis.from_url(cluster.redis.url).keys("helixflow:pools:*")
-    assert sorted(k.decode().rsplit(":", 2)[-2] + ":" + k.decode().rsplit(":", 1)[-1]
-                  for k in keys) == sorted(p["address"] for p in cluster.pools)  # fmt: skip
+    assert sorted(k.decode().removeprefix("helixflow:pools:") for k in keys) == sorted(
+        p["address"] for p in cluster.pools)  # fmt: skip
     for gateway in cluster.gateways:
         metrics = httpx.get(f"{gateway['url']}/metrics", verify=cluster.ssl).text
         for pool in cluster.pools:
